@@ -1,0 +1,251 @@
+"""Models built from ordered low-rank layers, with rank control and cost for the whole network.
+
+The first conv, the norms and the classifier stay dense and are shared by every budget; every other
+conv and linear layer is a ``LowRankConv2d`` / ``LowRankLinear``. Layers are addressed by their
+module name (``"conv2"``, ``"layer3.0.conv1"``), the same prefix their ``.U`` / ``.V`` arrays carry
+in the state dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from fl_maestro.layers import LowRankConv2d, LowRankLayer, LowRankLinear
+
+COST_KINDS = ("macs", "params")
+
+
+class RankedModel(nn.Module):
+    """Base class: a network whose low-rank layers can be run at any rank prefix."""
+
+    input_shape: tuple[int, ...]
+
+    def low_rank_layers(self) -> dict[str, LowRankLayer]:
+        """The decomposed layers by module name, in definition order."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, LowRankLayer)}
+
+    def max_ranks(self) -> dict[str, int]:
+        """Each layer's maximum rank (the number of components it holds)."""
+        return {n: m.max_rank for n, m in self.low_rank_layers().items()}
+
+    def ranks(self) -> dict[str, int]:
+        """Each layer's active rank."""
+        return {n: m.rank for n, m in self.low_rank_layers().items()}
+
+    def set_ranks(self, ranks: Mapping[str, int]) -> None:
+        """Set the active rank of the named layers; layers not named keep theirs."""
+        layers = self.low_rank_layers()
+        for name, rank in ranks.items():
+            if name not in layers:
+                raise ValueError(f"unknown low-rank layer {name!r}; layers are {sorted(layers)}")
+            layers[name].set_rank(rank)
+
+    def reset_ranks(self) -> None:
+        """Run every layer at its maximum rank."""
+        self.set_ranks(self.max_ranks())
+
+    def truncate(self, ranks: Mapping[str, int]) -> None:
+        """Keep only the first ``ranks[name]`` components of the named layers (new maximum ranks)."""
+        layers = self.low_rank_layers()
+        for name, rank in ranks.items():
+            if name not in layers:
+                raise ValueError(f"unknown low-rank layer {name!r}; layers are {sorted(layers)}")
+            layers[name].truncate(rank)
+
+    def ranks_at_fraction(self, fraction: float) -> dict[str, int]:
+        """Ranks ``ceil(fraction * max_rank)`` (at least 1) for a fraction in (0, 1]."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"rank fraction {fraction!r} is out of range: allowed (0, 1]")
+        return {n: max(1, math.ceil(fraction * r - 1e-9)) for n, r in self.max_ranks().items()}
+
+    def cost(self, ranks: Mapping[str, int] | None = None, kind: str = "macs") -> int:
+        """Cost per sample at ``ranks`` (default: maximum ranks) counting every conv and linear.
+
+        ``macs`` counts multiply-accumulates of convs and linears (norms, pooling and activations
+        are negligible and left out); ``params`` counts the parameters a client holds at those ranks.
+        """
+        ranks = self.max_ranks() if ranks is None else {**self.max_ranks(), **ranks}
+        total = 0
+        for name, module in self._costed_modules().items():
+            if isinstance(module, LowRankLayer):
+                total += _low_rank_cost(module, ranks[name], kind, self._positions()[name])
+            else:
+                total += _dense_cost(module, kind, self._positions()[name])
+        return total + (self._other_params() if kind == "params" else 0)
+
+    def dense_cost(self, kind: str = "macs") -> int:
+        """Cost per sample of the same network with every layer left undecomposed."""
+        total = 0
+        for name, module in self._costed_modules().items():
+            positions = self._positions()[name]
+            if isinstance(module, LowRankLayer):
+                total += module.dense_macs(positions) if kind == "macs" else module.dense_params()
+            else:
+                total += _dense_cost(module, kind, positions)
+        return total + (self._other_params() if kind == "params" else 0)
+
+    def _costed_modules(self) -> dict[str, nn.Module]:
+        kinds = (LowRankLayer, nn.Conv2d, nn.Linear)
+        return {n: m for n, m in self.named_modules() if isinstance(m, kinds)}
+
+    def _other_params(self) -> int:
+        """Parameters outside convs and linears (norms), shared at every rank."""
+        costed = {id(p) for m in self._costed_modules().values() for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in costed)
+
+    def _positions(self) -> dict[str, int]:
+        """Output positions (H*W, 1 for linears) of every costed module, traced once."""
+        if getattr(self, "_positions_cache", None) is None:
+            self._positions_cache = _trace_positions(self, self._costed_modules())
+        return self._positions_cache
+
+
+@contextmanager
+def at_ranks(model: RankedModel, ranks: Mapping[str, int]) -> Iterator[RankedModel]:
+    """Temporarily run ``model`` at ``ranks``, restoring the previous active ranks afterwards."""
+    previous = model.ranks()
+    model.set_ranks(ranks)
+    try:
+        yield model
+    finally:
+        model.set_ranks(previous)
+
+
+def _low_rank_cost(layer: LowRankLayer, rank: int, kind: str, positions: int) -> int:
+    if kind == "macs":
+        return layer.macs(rank, positions)
+    if kind == "params":
+        return layer.params(rank)
+    raise ValueError(f"cost kind {kind!r} is not allowed: use one of {COST_KINDS}")
+
+
+def _dense_cost(module: nn.Module, kind: str, positions: int) -> int:
+    weight = module.weight
+    if kind == "macs":
+        return weight.numel() * positions
+    if kind == "params":
+        return sum(p.numel() for p in module.parameters())
+    raise ValueError(f"cost kind {kind!r} is not allowed: use one of {COST_KINDS}")
+
+
+@torch.no_grad()
+def _trace_positions(model: RankedModel, modules: Mapping[str, nn.Module]) -> dict[str, int]:
+    """Run one sample through ``model`` and record each module's output positions."""
+    positions: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(_module, _inputs, output):
+            positions[name] = math.prod(output.shape[2:]) if output.dim() == 4 else 1
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(torch.zeros(1, *model.input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return positions
+
+
+class MLP(RankedModel):
+    """Flatten -> low-rank hidden layers with ReLU -> dense classifier."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                 hidden: tuple[int, ...] = (256, 128)) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        widths = [math.prod(input_shape), *hidden]
+        self.hidden = nn.ModuleList(LowRankLinear(a, b) for a, b in zip(widths, widths[1:]))
+        self.classifier = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.classifier(x)
+
+
+class CNN(RankedModel):
+    """A small CNN for 28x28 (or 8x8) images: dense conv1, low-rank conv2 and fc, dense classifier."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                 channels: tuple[int, int] = (32, 64), hidden: int = 128) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        c, h, w = input_shape
+        self.conv1 = nn.Conv2d(c, channels[0], 3, padding=1)
+        self.conv2 = LowRankConv2d(channels[0], channels[1], 3, padding=1)
+        self.fc = LowRankLinear(channels[1] * (h // 4) * (w // 4), hidden)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.classifier(torch.relu(self.fc(x.flatten(1))))
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm: batch-independent, so clients at different ranks and data share it safely."""
+    return nn.GroupNorm(min(32, channels // 2), channels)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with low-rank 3x3 convs and, when the shape changes, a low-rank 1x1 shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = LowRankConv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.norm1 = _norm(out_channels)
+        self.conv2 = LowRankConv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = _norm(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                LowRankConv2d(in_channels, out_channels, 1, stride, bias=False), _norm(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(RankedModel):
+    """CIFAR-style ResNet-18 (3x3 stem, no max-pool) with every conv after the stem low-rank."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.conv1 = nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False)
+        self.norm1 = _norm(64)
+        stages, in_channels = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(in_channels, width, stride),
+                                        BasicBlock(width, width, 1)))
+            in_channels = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                device: torch.device | str | None = None) -> RankedModel:
+    """Build a registered model at full rank; ``device="meta"`` skips initialisation entirely."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not allowed: use one of {sorted(MODELS)}")
+    with torch.device(device or "cpu"):
+        return MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes)

@@ -1,0 +1,219 @@
+"""The one merge rule of every strategy: weighted mean over the replies that cover each element.
+
+Each reply array is a *leading corner* of its global array (it covers ``[:a0, :a1, ...]``). The
+rank-wise strategy cuts only the rank axis of the factors ``<layer>.U`` (axis 1) and
+``<layer>.V`` (axis 0), so the merge is "average the ordered factors rank by rank"; with every
+reply at full size it is FedAvg; with width-sliced models (FjORD, HeteroFL) it is their slice
+averaging. Everything here is pure numpy on dicts of named arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+ArrayMap = Mapping[str, np.ndarray]
+Replies = Sequence[tuple[ArrayMap, float]]
+
+_FACTOR_AXES = {".U": 1, ".V": 0}
+
+
+class InvalidReply(ValueError):
+    """A client reply that must not touch the global model."""
+
+
+def factor_axis(name: str) -> int | None:
+    """Rank axis of a factor array (1 for ``<layer>.U``, 0 for ``<layer>.V``), None if shared."""
+    return _FACTOR_AXES.get(name[-2:])
+
+
+def factor_layer(name: str) -> str | None:
+    """Layer name of a factor array (``"fc"`` for ``"fc.U"``), None for a shared array."""
+    return name[:-2] if factor_axis(name) is not None else None
+
+
+def _rank_axis(name: str, ndim: int) -> int | None:
+    """Rank axis of ``name`` if it is a factor with that axis, else None (treated as shared)."""
+    axis = factor_axis(name)
+    return axis if axis is not None and axis < ndim else None
+
+
+def _corner_index(shape: Sequence[int]) -> tuple[slice, ...]:
+    """Index of the leading corner ``[:a0, :a1, ...]`` of the given shape."""
+    return tuple(slice(0, int(a)) for a in shape)
+
+
+def _is_corner(shape: Sequence[int], full_shape: Sequence[int]) -> bool:
+    """Whether ``shape`` is a non-empty leading corner of ``full_shape``."""
+    return len(shape) == len(full_shape) and all(1 <= a <= b for a, b in zip(shape, full_shape))
+
+
+def slice_corner(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """View of the leading corner of ``array`` with the given shape."""
+    if not _is_corner(tuple(shape), array.shape):
+        raise ValueError(f"shape {tuple(shape)} is not a leading corner of shape {array.shape}")
+    return array[_corner_index(shape)]
+
+
+# --------------------------------------------------------------------------- downlink
+
+
+def prefix_arrays(global_arrays: ArrayMap, ranks: Mapping[str, int]) -> Arrays:
+    """Rank prefix of each factor (``U[:, :r]``, ``V[:r]``), shared arrays whole; C-order copies."""
+    layers = {
+        factor_layer(n) for n, g in global_arrays.items() if _rank_axis(n, g.ndim) is not None
+    }
+    unknown = sorted(set(ranks) - layers)
+    if unknown:
+        raise ValueError(f"ranks name layers without factors: {unknown}; layers: {sorted(layers)}")
+    out: Arrays = {}
+    for name, g in global_arrays.items():
+        axis = _rank_axis(name, g.ndim)
+        shape = list(g.shape)
+        if axis is not None and factor_layer(name) in ranks:
+            r = ranks[factor_layer(name)]
+            if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral):
+                raise ValueError(f"rank of layer {factor_layer(name)!r} must be an int, got {r!r}")
+            if not 1 <= r <= g.shape[axis]:
+                raise ValueError(
+                    f"rank of layer {factor_layer(name)!r} must be in 1..{g.shape[axis]}, got {r}"
+                )
+            shape[axis] = int(r)
+        out[name] = np.array(slice_corner(g, shape), copy=True, order="C")
+    return out
+
+
+def corner_arrays(global_arrays: ArrayMap, shapes: Mapping[str, Sequence[int]]) -> Arrays:
+    """Leading corner of each array at ``shapes[name]`` (full size if absent); C-order copies."""
+    unknown = sorted(set(shapes) - set(global_arrays))
+    if unknown:
+        raise ValueError(f"shapes name unknown arrays: {unknown}")
+    out: Arrays = {}
+    for name, g in global_arrays.items():
+        shape = tuple(shapes.get(name, g.shape))
+        if not _is_corner(shape, g.shape):
+            raise ValueError(f"{name!r}: shape {shape} is not a leading corner of {g.shape}")
+        out[name] = np.array(slice_corner(g, shape), copy=True, order="C")
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_reply(
+    global_arrays: ArrayMap,
+    arrays: ArrayMap,
+    num_examples: object,
+    *,
+    cut_shared: bool = False,
+) -> None:
+    """Return None for a reply fit to merge; raise InvalidReply with the reason otherwise."""
+    _check_examples(num_examples)
+    if not isinstance(arrays, Mapping):
+        raise InvalidReply(f"reply arrays must be a mapping, got {type(arrays).__name__}")
+    _check_names(global_arrays, arrays)
+    for name, g in global_arrays.items():
+        _check_array(name, g, arrays[name], cut_shared)
+    _check_factor_ranks(global_arrays, arrays)
+
+
+def _check_examples(num_examples: object) -> None:
+    """A positive finite int or float, never a bool."""
+    if isinstance(num_examples, (bool, np.bool_)) or not isinstance(num_examples, numbers.Real):
+        raise InvalidReply(
+            f"num_examples must be a positive number, got {num_examples!r} "
+            f"({type(num_examples).__name__})"
+        )
+    # Integers are always finite (and may be too large for float), so only floats need the check.
+    if not isinstance(num_examples, numbers.Integral) and not math.isfinite(num_examples):
+        raise InvalidReply(f"num_examples must be finite, got {num_examples!r}")
+    if num_examples <= 0:
+        raise InvalidReply(f"num_examples must be positive, got {num_examples!r}")
+
+
+def _check_names(global_arrays: ArrayMap, arrays: ArrayMap) -> None:
+    """Exactly the global names: none missing, none unknown."""
+    missing = sorted(set(global_arrays) - set(arrays))
+    unknown = sorted(set(arrays) - set(global_arrays), key=str)
+    if missing or unknown:
+        parts = [f"missing arrays {missing}"] if missing else []
+        parts += [f"unknown arrays {unknown}"] if unknown else []
+        raise InvalidReply("reply names do not match the global model: " + "; ".join(parts))
+
+
+def _check_array(name: str, g: np.ndarray, x: object, cut_shared: bool) -> None:
+    """Type, dtype, ndim, leading-corner shape (rank axis only unless cut_shared) and finiteness."""
+    if not isinstance(x, np.ndarray):
+        raise InvalidReply(f"{name!r}: expected a numpy array, got {type(x).__name__}")
+    if x.dtype != g.dtype:
+        raise InvalidReply(f"{name!r}: dtype {x.dtype}, expected the global dtype {g.dtype}")
+    if x.ndim != g.ndim:
+        raise InvalidReply(
+            f"{name!r}: {x.ndim} dimensions {x.shape}, expected {g.ndim} like {g.shape}"
+        )
+    rank_axis = _rank_axis(name, g.ndim)
+    for axis, (a, b) in enumerate(zip(x.shape, g.shape)):
+        if not 1 <= a <= b:
+            raise InvalidReply(
+                f"{name!r}: shape {x.shape} is not a leading corner of the global shape {g.shape} "
+                f"(axis {axis} has size {a}, allowed 1..{b})"
+            )
+        if not cut_shared and axis != rank_axis and a != b:
+            why = (
+                f"only the rank axis {rank_axis} of a factor may be cut"
+                if rank_axis is not None
+                else f"a shared array must have the full shape {g.shape}"
+            )
+            raise InvalidReply(f"{name!r}: shape {x.shape} cuts axis {axis} ({a} of {b}); {why}")
+    if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+        n_nan, n_inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+        raise InvalidReply(f"{name!r}: non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def _check_factor_ranks(global_arrays: ArrayMap, arrays: ArrayMap) -> None:
+    """A layer's U and V must come at the same rank."""
+    for name, g in global_arrays.items():
+        if not name.endswith(".U") or _rank_axis(name, g.ndim) is None:
+            continue
+        v_name = name[:-2] + ".V"
+        if v_name not in global_arrays or _rank_axis(v_name, global_arrays[v_name].ndim) is None:
+            continue
+        r_u, r_v = arrays[name].shape[1], arrays[v_name].shape[0]
+        if r_u != r_v:
+            raise InvalidReply(
+                f"layer {name[:-2]!r}: {name!r} has rank {r_u} but {v_name!r} has rank {r_v}"
+            )
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_nested(global_arrays: ArrayMap, replies: Replies) -> Arrays:
+    """Per element, the weighted mean of the replies covering it; uncovered elements stay."""
+    replies = list(replies)  # walked once per array, so a generator must not run dry
+    return {name: _merge_array(name, g, replies) for name, g in global_arrays.items()}
+
+
+def _merge_array(name: str, g: np.ndarray, replies: Replies) -> np.ndarray:
+    """Merge one array in O(received elements): ``acc[:a] += w*x``, ``wsum[:a] += w``."""
+    if not replies:
+        return g.copy()
+    acc = np.zeros(g.shape, dtype=np.float64)
+    wsum = np.zeros(g.shape, dtype=np.float64)
+    for arrays, weight in replies:
+        x = arrays[name]
+        if not _is_corner(x.shape, g.shape):
+            raise ValueError(f"{name!r}: reply shape {x.shape} is no leading corner of {g.shape}")
+        corner = _corner_index(x.shape)
+        # Accumulate in float64 so the result does not depend on the order of the replies.
+        acc[corner] += np.multiply(x, float(weight), dtype=np.float64)
+        wsum[corner] += float(weight)
+    merged = g.astype(np.float64, copy=True)
+    np.divide(acc, wsum, out=merged, where=wsum > 0)
+    if not np.issubdtype(g.dtype, np.inexact):
+        np.rint(merged, out=merged)  # integer arrays (counters) round instead of truncating
+    return merged.astype(g.dtype, copy=False)
