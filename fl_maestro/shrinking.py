@@ -22,17 +22,21 @@ def tail_norms(factor_sq: torch.Tensor) -> torch.Tensor:
     return tails.clamp_min(1e-24).sqrt()  # clamp keeps the gradient finite at an all-zero tail
 
 
-def component_sq_norms(layer: LowRankLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared norms of each component's ``V`` row and ``U`` column."""
-    return layer.V.pow(2).flatten(1).sum(1), layer.U.pow(2).sum(0)
+def component_sq_norms(layer: LowRankLayer, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared norms of each of the first ``rank`` components' ``V`` row and ``U`` column."""
+    r = layer.max_rank if rank is None else rank
+    return layer.V[:r].pow(2).flatten(1).sum(1), layer.U[:, :r].pow(2).sum(0)
 
 
-def hgl_penalty(layers: Mapping[str, LowRankLayer] | list[LowRankLayer]) -> torch.Tensor:
-    """Differentiable HGL penalty over the layers' held components (multiply by lambda yourself)."""
-    modules = layers.values() if isinstance(layers, Mapping) else layers
+def hgl_penalty(layers: Mapping[str, LowRankLayer],
+                ranks: Mapping[str, int] | None = None) -> torch.Tensor:
+    """Differentiable HGL penalty over each layer's first ``ranks[name]`` components (default: all).
+
+    Multiply by lambda yourself. Components past ``ranks`` get no gradient from it.
+    """
     total = torch.zeros(())
-    for layer in modules:
-        v_sq, u_sq = component_sq_norms(layer)
+    for name, layer in layers.items():
+        v_sq, u_sq = component_sq_norms(layer, None if ranks is None else ranks[name])
         total = total + tail_norms(v_sq).sum() + tail_norms(u_sq).sum()
     return total
 

@@ -1,0 +1,123 @@
+"""Plain-PyTorch local training and evaluation at rank prefixes (nothing of Flower in here).
+
+``train`` runs ordered dropout inside a client's maximum ranks: every step draws a rank prefix with
+the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
+``CE(full pass, y) + CE(sampled pass, softmax(full pass).detach())``, "full" meaning the client's
+maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. ``hgl_lambda`` adds the
+hierarchical group lasso. Components past the client's maximum ranks are never changed: they get no
+gradient, and weight decay is applied to the trained prefix only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fl_maestro.models import RankedModel, at_ranks
+from fl_maestro.sampling import Sampler, get_sampler
+from fl_maestro.shrinking import hgl_penalty
+
+log = logging.getLogger(__name__)
+
+# Backward costs about twice the forward, so one training pass costs ~3x its forward MACs.
+TRAIN_MACS_PER_FORWARD = 3
+
+
+def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | None = None,
+          sampler: str | Sampler = "single-layer", epochs: int = 1, lr: float = 0.05,
+          momentum: float = 0.9, weight_decay: float = 1e-4, distill: bool = True,
+          hgl_lambda: float = 0.0, rng: np.random.Generator | None = None) -> dict[str, float]:
+    """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
+
+    Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
+    labels), ``examples`` (training-set size), ``steps``, ``seconds`` and ``macs`` (training MACs).
+    """
+    max_ranks = dict(model.max_ranks() if max_ranks is None else max_ranks)
+    model.set_ranks(max_ranks)  # validates the ranks
+    draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    rng = np.random.default_rng(0) if rng is None else rng
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    device = next(model.parameters()).device
+    full_macs = model.cost(max_ranks, "macs")
+    start, steps, macs = time.perf_counter(), 0, 0
+    model.train()
+    for epoch in range(epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            ranks = draw(max_ranks, rng)
+            loss, logits = _step_loss(model, x, y, max_ranks, ranks, distill, hgl_lambda)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            _decay_prefix(model, max_ranks, weight_decay)
+            optimizer.step()
+            steps += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            macs += len(y) * TRAIN_MACS_PER_FORWARD * (
+                model.cost(ranks, "macs") + (full_macs if distill else 0))
+        log.debug("epoch %d/%d: loss %.4f over %d examples", epoch + 1, epochs,
+                  loss_sum / max(seen, 1), seen)
+    model.set_ranks(max_ranks)
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
+            "examples": seen, "steps": steps, "seconds": time.perf_counter() - start,
+            "macs": float(macs)}
+
+
+def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: Mapping[str, int],
+               ranks: Mapping[str, int], distill: bool, hgl_lambda: float):
+    """The step's loss and the logits of the pass trained on the labels."""
+    if distill:
+        model.set_ranks(max_ranks)
+        full_logits = model(x)
+        model.set_ranks(ranks)
+        sampled = model(x)
+        teacher = F.softmax(full_logits.detach(), dim=1)
+        loss, logits = F.cross_entropy(full_logits, y) + F.cross_entropy(sampled, teacher), full_logits
+    else:
+        model.set_ranks(ranks)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    if hgl_lambda > 0:
+        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks)
+    return loss, logits
+
+
+@torch.no_grad()
+def _decay_prefix(model: RankedModel, max_ranks: Mapping[str, int], weight_decay: float) -> None:
+    """Add L2 weight decay to the gradients of the trained prefix and of the shared parameters."""
+    if weight_decay == 0:
+        return
+    factors = set()
+    for name, layer in model.low_rank_layers().items():
+        r = max_ranks[name]
+        layer.U.grad[:, :r].add_(layer.U[:, :r], alpha=weight_decay)
+        layer.V.grad[:r].add_(layer.V[:r], alpha=weight_decay)
+        factors.update((id(layer.U), id(layer.V)))
+    for p in model.parameters():
+        if id(p) not in factors and p.grad is not None:
+            p.grad.add_(p, alpha=weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: RankedModel, loader: Iterable, ranks: Mapping[str, int] | None = None) -> dict[str, float]:
+    """Loss and accuracy of ``model`` at ``ranks`` (default: its maximum ranks)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    with at_ranks(model, model.max_ranks() if ranks is None else ranks):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "examples": seen}
