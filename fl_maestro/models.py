@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -249,3 +250,19 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
         raise ValueError(f"model {name!r} is not allowed: use one of {sorted(MODELS)}")
     with torch.device(device or "cpu"):
         return MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes)
+
+
+def model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,
+                      arrays: Mapping[str, np.ndarray], device: str = "cpu") -> RankedModel:
+    """Build a model holding exactly the ranks of ``arrays`` (a state dict) and load them."""
+    model = build_model(name, input_shape, num_classes, device="meta")
+    model.truncate({layer: int(arrays[f"{layer}.V"].shape[0]) for layer in model.low_rank_layers()})
+    model.to_empty(device=device)
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
+    model.reset_ranks()
+    return model
+
+
+def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's state dict as numpy arrays (copies, C-contiguous)."""
+    return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in model.state_dict().items()}

@@ -1,0 +1,73 @@
+"""Flower ClientApp: trains the received rank prefix on the node's own data partition.
+
+The model is built holding exactly the ranks it received, trained with ordered dropout inside them
+(``training.train``), and the trained prefix goes back with the round's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_maestro.config import RunConfig, parse_run_config
+from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
+from fl_maestro.models import model_arrays, model_from_arrays
+from fl_maestro.training import train
+from strategies.records import to_numpy, to_record
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def node_identity(context: Context) -> tuple[int, int]:
+    """The node's (partition id, number of partitions) from its node config."""
+    node = context.node_config
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node]
+    if missing:
+        raise ValueError(f"node config lacks {missing}: start the SuperNode with --node-config "
+                         "'partition-id=<i> num-partitions=<n>' (simulation sets both)")
+    return int(node["partition-id"]), int(node["num-partitions"])
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition and, in a deployment, its configured budget."""
+    partition_id, num_partitions = node_identity(context)
+    info = {"partition-id": partition_id, "num-partitions": num_partitions}
+    if "budget" in context.node_config:
+        info["budget"] = float(context.node_config["budget"])
+    return Message(content=RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
+
+
+def local_loader(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int):
+    """The shuffled training loader of this node's partition for this round."""
+    x_train, y_train, _, _ = load_dataset(cfg.dataset)
+    train_idx, _ = client_partition(cfg.dataset, partition_id, num_partitions, cfg.partitioner,
+                                    cfg.alpha, cfg.classes_per_client, cfg.seed, cfg.val_fraction)
+    seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
+    return make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed)
+
+
+@app.train()
+def train_prefix(msg: Message, context: Context) -> Message:
+    """Train the received prefix with ordered dropout and return it with metrics."""
+    cfg = parse_run_config(context.run_config)
+    partition_id, num_partitions = node_identity(context)
+    server_round = int(msg.content["config"]["server-round"])
+    arrays = to_numpy(msg.content["arrays"])
+    model = model_from_arrays(cfg.model, DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset], arrays)
+    loader = local_loader(cfg, partition_id, num_partitions, server_round)
+    result = train(model, loader, model.max_ranks(), cfg.sampler, cfg.local_epochs, cfg.lr,
+                   cfg.momentum, cfg.weight_decay, cfg.distill, cfg.hgl_lambda,
+                   rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]))
+    metrics = MetricRecord({
+        "num-examples": len(loader.dataset), "train-loss": result["loss"],
+        "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],
+        "train-macs": result["macs"], "steps": result["steps"],
+    })
+    content = RecordDict({"arrays": to_record(model_arrays(model)), "metrics": metrics})
+    return Message(content=content, reply_to=msg)

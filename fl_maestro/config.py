@@ -1,0 +1,171 @@
+"""The run config: every key with its default, type and allowed values, validated once at start.
+
+Defaults live here and are mirrored in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (a test keeps
+the two equal). Override any key with ``flwr run . --run-config "key=value ..."``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fl_maestro.budgets import ALLOCATIONS, parse_mix
+from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
+from fl_maestro.models import COST_KINDS, MODELS
+from fl_maestro.sampling import SAMPLERS
+
+STRATEGIES = ("rankwise",)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: its default, its type and a check of its value."""
+
+    default: Any
+    allowed: str
+    check: Callable[[Any], bool] = lambda v: True
+
+
+def _int(low: int, high: float = math.inf) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _number(low: float, high: float, low_open: bool = False) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (low < v if low_open else low <= v) and v <= high
+    return check
+
+
+def _fractions(text: Any) -> bool:
+    try:
+        values = [float(x) for x in str(text).split(",")]
+    except ValueError:
+        return False
+    return bool(values) and all(0 < v <= 1 for v in values)
+
+
+def _mix(text: Any) -> bool:
+    try:
+        parse_mix(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _init(text: Any) -> bool:
+    return text == "random" or (isinstance(text, str) and text.startswith("svd:") and len(text) > 4)
+
+
+_is_bool = lambda v: isinstance(v, bool)  # noqa: E731
+_is_str = lambda v: isinstance(v, str)  # noqa: E731
+
+KEYS: dict[str, Key] = {
+    "run-name": Key("", "a folder name (empty: derived from the config)",
+                    lambda v: _is_str(v) and "/" not in v and v not in (".", "..")),
+    "results-dir": Key("results", "a directory path", lambda v: _is_str(v) and v != ""),
+    "resume": Key(False, "true or false", _is_bool),
+    "seed": Key(0, "an integer >= 0", _int(0)),
+    "dataset": Key("fashion-mnist", f"one of {tuple(sorted(DATASET_SHAPES))}",
+                   lambda v: v in DATASET_SHAPES),
+    "model": Key("cnn", f"one of {tuple(sorted(MODELS))}", lambda v: v in MODELS),
+    "strategy": Key("rankwise", f"one of {STRATEGIES}", lambda v: v in STRATEGIES),
+    "num-rounds": Key(20, "an integer >= 1", _int(1)),
+    "clients-per-round": Key(10, "an integer >= 1", _int(1)),
+    "device-mix": Key("0.2:0.2,0.4:0.2,0.6:0.2,0.8:0.2,1.0:0.2",
+                      "'budget:share,...' with budgets in (0, 1] and shares summing to 1", _mix),
+    "rank-allocation": Key("uniform", f"one of {ALLOCATIONS}", lambda v: v in ALLOCATIONS),
+    "cost": Key("macs", f"one of {COST_KINDS}", lambda v: v in COST_KINDS),
+    "partitioner": Key("dirichlet", f"one of {PARTITIONERS}", lambda v: v in PARTITIONERS),
+    "alpha": Key(0.5, "a number > 0 (Dirichlet concentration)", _number(0, math.inf, True)),
+    "classes-per-client": Key(2, "an integer >= 1", _int(1)),
+    "val-fraction": Key(0.1, "a number in [0, 1)", lambda v: _number(0, 1)(v) and v < 1),
+    "local-epochs": Key(1, "an integer >= 1", _int(1)),
+    "batch-size": Key(32, "an integer >= 1", _int(1)),
+    "lr": Key(0.05, "a number > 0", _number(0, math.inf, True)),
+    "momentum": Key(0.9, "a number in [0, 1]", _number(0, 1)),
+    "weight-decay": Key(1e-4, "a number >= 0", _number(0, math.inf)),
+    "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))}", lambda v: v in SAMPLERS),
+    "distill": Key(False, "true or false", _is_bool),
+    "hgl-lambda": Key(0.0, "a number >= 0", _number(0, math.inf)),
+    "eval-fractions": Key("0.1,0.25,0.5,0.75,1.0", "comma-separated numbers in (0, 1]", _fractions),
+    "eval-every": Key(1, "an integer >= 1", _int(1)),
+    "eval-samples": Key(2000, "an integer >= 0 (0: the whole test set)", _int(0)),
+    "init": Key("random", "'random' or 'svd:<path to a dense state dict .safetensors>'", _init),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run config; field names are the keys with '-' turned into '_'."""
+
+    run_name: str
+    results_dir: str
+    resume: bool
+    seed: int
+    dataset: str
+    model: str
+    strategy: str
+    num_rounds: int
+    clients_per_round: int
+    device_mix: str
+    rank_allocation: str
+    cost: str
+    partitioner: str
+    alpha: float
+    classes_per_client: int
+    val_fraction: float
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    sampler: str
+    distill: bool
+    hgl_lambda: float
+    eval_fractions: str
+    eval_every: int
+    eval_samples: int
+    init: str
+
+    @property
+    def fractions(self) -> list[float]:
+        """The rank fractions the global model is evaluated at."""
+        return [float(x) for x in self.eval_fractions.split(",")]
+
+    @property
+    def name(self) -> str:
+        """The run's folder name under ``results_dir``."""
+        return self.run_name or f"{self.dataset}-{self.model}-{self.strategy}-seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as run-config keys and values."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower run config (defaults filled in) and return it typed.
+
+    Raises ValueError naming the key, its value and what is allowed for an unknown key or bad value.
+    """
+    unknown = sorted(set(raw) - set(KEYS))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown}; known keys are {sorted(KEYS)}")
+    values = {}
+    for name, key in KEYS.items():
+        value = raw.get(name, key.default)
+        if isinstance(key.default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not key.check(value):
+            raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed {key.allowed}")
+        values[name.replace("-", "_")] = value
+    return RunConfig(**values)
+
+
+def defaults() -> dict[str, Any]:
+    """Every key's default value."""
+    return {name: key.default for name, key in KEYS.items()}

@@ -1,0 +1,217 @@
+"""Run ``flwr run .`` on a private SuperLink that this process starts and always stops.
+
+``flwr run .`` on its own reuses whatever SuperLink answers on Flower's fixed local ports, and that
+SuperLink's Ray actors import the app from the folder it was started in. So every run here gets its
+own ``FLWR_HOME``, its own free ports and its own SuperLink process group, which is killed when the
+run ends, fails or is interrupted.
+
+    python -m simulations.launch --supernodes 100 -c num-rounds=20 -c model=cnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fl-maestro"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode} at start")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s")
+
+
+def toml_overrides(values: Mapping[str, Any]) -> list[str]:
+    """``--run-config`` arguments for a dict of values (TOML literals, one key per argument)."""
+    args = []
+    for key, value in values.items():
+        args += ["--run-config", f"{key}={json.dumps(value)}"]
+    return args
+
+
+class PrivateSuperLink:
+    """A simulation SuperLink of our own: private FLWR_HOME, free ports, killed on exit."""
+
+    def __init__(self, flwr_home: str | Path | None = None, app_dir: Path = APP_DIR) -> None:
+        self._tmp = None if flwr_home else tempfile.mkdtemp(prefix="fl-maestro-flwr-")
+        self.home = Path(flwr_home or self._tmp)
+        self.app_dir = app_dir
+        self.process: subprocess.Popen | None = None
+        self.env = {**os.environ, "FLWR_HOME": str(self.home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+        # Tools next to this interpreter (the project's venv) come first.
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+
+    def __enter__(self) -> PrivateSuperLink:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the SuperLink and point this FLWR_HOME's default connection at it."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        port = free_port()  # Flower 1.41 serves its Runtime, Control and Fleet APIs on one port
+        command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+                   "--host", "127.0.0.1", "--port", str(port), "--database", str(self.home / "state.db"),
+                   "--log-file", str(self.home / "superlink.log"),
+                   "--disable-runtime-dependency-installation"]
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        self.process = subprocess.Popen(command, cwd=self.app_dir, env=self.env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        log.info("started flower-superlink (pid %d, port %d, FLWR_HOME %s)",
+                 self.process.pid, port, self.home)
+        _wait_for_port(port, self.process)
+
+    def run(self, run_config: Mapping[str, Any], federation_config: Mapping[str, Any],
+            timeout: float | None = None) -> int:
+        """``flwr run . --stream`` with the given overrides; returns its exit code."""
+        command = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream",
+                   *toml_overrides(run_config)]
+        for key, value in federation_config.items():
+            command += ["--federation-config", f"{key}={json.dumps(value)}"]
+        log.info("running: %s", " ".join(command))
+        try:
+            return subprocess.run(command, cwd=self.app_dir, env=self.env, timeout=timeout,
+                                  stdin=subprocess.DEVNULL).returncode
+        except subprocess.TimeoutExpired:
+            log.error("flwr run exceeded %.0f s", timeout)
+            return 124
+
+    def stop(self) -> None:
+        """Kill the SuperLink's whole process group (its simulation and Ray processes too)."""
+        if self.process is not None and self.process.poll() is None:
+            _kill_group(self.process, signal.SIGTERM, wait=15)
+            if self.process.poll() is None:
+                _kill_group(self.process, signal.SIGKILL, wait=5)
+        if self.process is not None:
+            _kill_group(self.process, signal.SIGKILL, wait=0)  # children that outlived the leader
+            _kill_by_home(self.home)  # simulation and Ray processes in sessions of their own
+            log.info("stopped flower-superlink (pid %d)", self.process.pid)
+        self.process = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _kill_group(process: subprocess.Popen, sig: int, wait: float) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def processes_with_home(home: Path) -> list[int]:
+    """PIDs of live processes whose environment has ``FLWR_HOME=home`` (Linux /proc)."""
+    marker = f"FLWR_HOME={home}".encode() + b"\0"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _kill_by_home(home: Path, wait: float = 10) -> None:
+    """Kill every process started under this FLWR_HOME, then wait for them to go."""
+    pids = processes_with_home(home)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
+        time.sleep(0.1)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def federation_config(supernodes: int, cpus_per_client: float = 1, gpus_per_client: float = 0
+                      ) -> dict[str, Any]:
+    """Simulation settings for ``--federation-config``: SuperNodes and per-client resources."""
+    return {"num-supernodes": supernodes, "client-resources-num-cpus": cpus_per_client,
+            "client-resources-num-gpus": gpus_per_client}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings to a dict, values read as JSON/TOML literals when they parse."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is malformed: expected key=value")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: one simulation on a private SuperLink."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--supernodes", type=int, default=100)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("-c", "--run-config", action="append", default=[],
+                        help="key=value run-config override (repeatable)")
+    parser.add_argument("--timeout", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with PrivateSuperLink() as link:
+        return link.run(parse_overrides(args.run_config),
+                        federation_config(args.supernodes, args.cpus_per_client), args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

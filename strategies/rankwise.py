@@ -1,0 +1,152 @@
+"""The rank-wise strategy: FedAvg over ordered factors, each client at its own rank prefix.
+
+Only the steps that change are overridden: ``configure_train`` samples clients with a seeded
+generator and sends each one the rank prefix of the global arrays that fits its budget;
+``aggregate_train`` validates every reply, drops the bad ones (counted, reason logged) and merges the
+rest with the one nested merge rule. Replies are merged in partition-id order, so a seeded run is
+reproducible whatever node ids the SuperLink hands out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.merge import InvalidReply, check_reply, merge_nested, prefix_arrays
+from strategies.records import nbytes, to_numpy, to_record
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """What the strategy knows of one node: its data partition, budget and the ranks it trains."""
+
+    partition_id: int
+    budget: float
+    ranks: Mapping[str, int] = field(default_factory=dict)
+
+
+class RankWiseFedAvg(FedAvg):
+    """FedAvg whose clients each train and return the rank prefix that fits their budget."""
+
+    cut_shared = False  # rank-wise replies keep shared arrays whole; width baselines cut them
+
+    def __init__(self, clients_per_round: int, seed: int = 0, **fedavg_kwargs) -> None:
+        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
+        super().__init__(min_train_nodes=clients_per_round, **fedavg_kwargs)
+        self.clients_per_round = clients_per_round
+        self.rng = np.random.default_rng(seed)
+        self.clients: dict[int, ClientSpec] = {}
+        self.client_rows: list[dict] = []  # one row per client reply of the last round
+        self.dropped_total = 0
+        self._sent: Arrays = {}
+
+    def set_clients(self, clients: Mapping[int, ClientSpec]) -> None:
+        """Tell the strategy every node's spec (node id -> ClientSpec)."""
+        self.clients = dict(clients)
+
+    def client_arrays(self, spec: ClientSpec, global_arrays: Arrays) -> Arrays:
+        """The slice of the global arrays a client trains: its rank prefix."""
+        return prefix_arrays(global_arrays, spec.ranks)
+
+    def sample_nodes(self, grid: Grid) -> list[int]:
+        """Seeded sample of ``clients_per_round`` known, connected nodes, in partition-id order."""
+        connected = set(grid.get_node_ids())
+        nodes = sorted((n for n in self.clients if n in connected),
+                       key=lambda n: self.clients[n].partition_id)
+        if not nodes:
+            raise RuntimeError("no known node is connected: nothing to train on")
+        k = min(self.clients_per_round, len(nodes))
+        picked = np.sort(self.rng.choice(len(nodes), size=k, replace=False))
+        return [nodes[i] for i in picked]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send each sampled client its own slice of the global arrays and the round's config."""
+        self._sent = to_numpy(arrays)
+        self._bytes_down: dict[int, int] = {}
+        messages = []
+        for node_id in self.sample_nodes(grid):
+            spec = self.clients[node_id]
+            sliced = self.client_arrays(spec, self._sent)
+            self._bytes_down[node_id] = nbytes(sliced)
+            node_config = ConfigRecord({**config, "server-round": server_round,
+                                        "budget": spec.budget})
+            content = RecordDict({self.arrayrecord_key: to_record(sliced),
+                                  self.configrecord_key: node_config})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN,
+                                    dst_node_id=node_id))
+        log.info("round %d: sent %d clients %.2f MB in all", server_round, len(messages),
+                 sum(self._bytes_down.values()) / 1e6)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, drop and count bad ones, merge the rest rank by rank."""
+        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid.sort(key=lambda m: self.clients[m.metadata.src_node_id].partition_id)
+        good, self.client_rows = [], []
+        for message in valid:
+            accepted = self._accept(server_round, message)
+            if accepted is not None:
+                good.append(accepted)
+        dropped = len(valid) - len(good) + len(failed)
+        self.dropped_total += dropped
+        if not good:
+            log.warning("round %d: no usable reply; the global model is unchanged", server_round)
+            return None, MetricRecord({"dropped": dropped})
+        merged = merge_nested(self._sent, good)
+        return to_record(merged), self._round_metrics(dropped)
+
+    def _accept(self, server_round: int, message: Message) -> tuple[Arrays, float] | None:
+        """The reply's (arrays, weight) if it passes every check, else None (logged)."""
+        node_id = message.metadata.src_node_id
+        spec = self.clients[node_id]
+        try:
+            record = message.content.array_records.get(self.arrayrecord_key)
+            metrics = message.content.metric_records.get("metrics")
+            if record is None or metrics is None:
+                raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
+            arrays = to_numpy(record)
+            examples = metrics.get(self.weighted_by_key)
+            check_reply(self._sent, arrays, examples, cut_shared=self.cut_shared)
+        except InvalidReply as err:
+            log.warning("round %d: dropped reply of partition %d: %s", server_round,
+                        spec.partition_id, err)
+            return None
+        self.client_rows.append({
+            "round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
+            **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": nbytes(arrays)})
+        return arrays, float(examples)
+
+    def _round_metrics(self, dropped: int) -> MetricRecord:
+        """Example-weighted training loss and accuracy plus round totals."""
+        rows = self.client_rows
+        weights = np.array([r[self.weighted_by_key] for r in rows])
+        mean = lambda key: float(np.average([r.get(key, 0.0) for r in rows], weights=weights))  # noqa: E731
+        return MetricRecord({
+            "train-loss": mean("train-loss"), "train-accuracy": mean("train-accuracy"),
+            "clients": len(rows), "dropped": dropped, "examples": float(weights.sum()),
+            "bytes-down": float(sum(r["bytes-down"] for r in rows)),
+            "bytes-up": float(sum(r["bytes-up"] for r in rows)),
+            "train-macs": float(sum(r.get("train-macs", 0.0) for r in rows)),
+        })
+
+    def state_dict(self) -> dict:
+        """Strategy state to checkpoint: the sampling generator and counters."""
+        return {"rng": self.rng.bit_generator.state, "dropped_total": self.dropped_total}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.rng.bit_generator.state = state["rng"]
+        self.dropped_total = int(state["dropped_total"])

@@ -1,0 +1,25 @@
+"""Conversions between Flower records and dicts of named numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+Arrays = dict[str, np.ndarray]
+
+
+def to_numpy(record: ArrayRecord) -> Arrays:
+    """The arrays of a Flower ArrayRecord as a dict of numpy arrays."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """A dict of numpy arrays as a Flower ArrayRecord (contiguous copies where needed)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Payload size of a dict of arrays in bytes."""
+    return int(sum(a.nbytes for a in arrays.values()))
