@@ -86,7 +86,8 @@ class RunStore:
     def save_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray],
                         state: Mapping[str, Any]) -> None:
         """Checkpoint the global arrays and the run state after ``server_round``."""
-        tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        # reshape: np.ascontiguousarray turns a 0-d array (a scalar buffer) into shape (1,).
+        tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}
         name = f"checkpoint-{server_round}.safetensors"
         _atomic_write(self.root / name, lambda p: save_file(tensors, str(p)))
         text = json.dumps({"round": server_round, "arrays": name, **state}, indent=1)
@@ -94,6 +95,12 @@ class RunStore:
         for old in self.root.glob("checkpoint-*.safetensors"):
             if old.name != name:
                 old.unlink()
+
+    def checkpoint_round(self) -> int | None:
+        """The round of the last checkpoint, None if there is none."""
+        if not self.has_checkpoint():
+            return None
+        return int(json.loads((self.root / "checkpoint.json").read_text())["round"])
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
         """The last checkpoint: (round, global arrays, state)."""

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
+# Keys a resumed run may change: they do not alter what the finished rounds computed.
+RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every"})
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -117,6 +120,12 @@ class Federation:
         return model_arrays(model)
 
     def _resume(self) -> None:
+        saved = self.store.read_config()
+        changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        if changed:
+            raise ValueError(f"resume=true but the config differs from the checkpointed run in "
+                             f"{changed} (saved, now); only {sorted(RESUMABLE_CHANGES)} may change")
         last, self.arrays, state = self.store.load_checkpoint()
         self.strategy.load_state_dict(state["strategy"])
         self.store.truncate_after(last)

@@ -144,15 +144,28 @@ def _kill_group(process: subprocess.Popen, sig: int, wait: float) -> None:
 
 def processes_with_home(home: Path) -> list[int]:
     """PIDs of live processes whose environment has ``FLWR_HOME=home`` (Linux /proc)."""
-    marker = f"FLWR_HOME={home}".encode() + b"\0"
+    marker = b"\0" + f"FLWR_HOME={home}".encode() + b"\0"
+    spared = _ancestors()
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
+        if entry.name.isdigit() and int(entry.name) not in spared:
             try:
-                if marker in (entry / "environ").read_bytes():
+                if marker in b"\0" + (entry / "environ").read_bytes():
                     pids.append(int(entry.name))
             except OSError:
                 continue
+    return pids
+
+
+def _ancestors() -> set[int]:
+    """This process and its ancestors, never to be killed."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
     return pids
 
 

@@ -35,6 +35,12 @@ class ClientSpec:
     ranks: Mapping[str, int] = field(default_factory=dict)
 
 
+def _placeholder(array: np.ndarray) -> np.ndarray:
+    """A zero-memory array with ``array``'s shape and dtype (all its strides are 0)."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, array.dtype), array.shape,
+                                           (0,) * array.ndim, writeable=False)
+
+
 class RankWiseFedAvg(FedAvg):
     """FedAvg whose clients each train and return the rank prefix that fits their budget."""
 
@@ -74,11 +80,13 @@ class RankWiseFedAvg(FedAvg):
         """Send each sampled client its own slice of the global arrays and the round's config."""
         self._sent = to_numpy(arrays)
         self._bytes_down: dict[int, int] = {}
+        self._sent_shapes: dict[int, Arrays] = {}
         messages = []
         for node_id in self.sample_nodes(grid):
             spec = self.clients[node_id]
             sliced = self.client_arrays(spec, self._sent)
             self._bytes_down[node_id] = nbytes(sliced)
+            self._sent_shapes[node_id] = {k: _placeholder(a) for k, a in sliced.items()}
             node_config = ConfigRecord({**config, "server-round": server_round,
                                         "budget": spec.budget})
             content = RecordDict({self.arrayrecord_key: to_record(sliced),
@@ -118,7 +126,8 @@ class RankWiseFedAvg(FedAvg):
                 raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
             arrays = to_numpy(record)
             examples = metrics.get(self.weighted_by_key)
-            check_reply(self._sent, arrays, examples, cut_shared=self.cut_shared)
+            # Against what this node was sent: a reply may not grow past its own slice.
+            check_reply(self._sent_shapes[node_id], arrays, examples, cut_shared=self.cut_shared)
         except InvalidReply as err:
             log.warning("round %d: dropped reply of partition %d: %s", server_round,
                         spec.partition_id, err)

@@ -1,0 +1,344 @@
+"""RankWiseFedAvg without a SuperLink: a fake Grid, real Flower Messages and hand-built replies."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from strategies import merge_nested
+from strategies.rankwise import ClientSpec, RankWiseFedAvg
+from strategies.records import to_numpy, to_record
+
+F32 = np.float32
+RANKS = {0: 1, 1: 2, 2: 3, 3: 2, 4: 1}  # partition id -> rank of layer "fc" (max rank 3)
+
+
+class FakeGrid:
+    """The part of ``flwr.serverapp.Grid`` the strategy uses: the connected node ids."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instruction messages read the run, task and node ids the SuperLink would have set."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+@pytest.fixture
+def caplog_strategies(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """caplog that also sees the 'strategies' loggers when the ServerApp turned propagation off."""
+    monkeypatch.setattr(logging.getLogger("strategies"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="strategies")
+    return caplog
+
+
+def global_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(123)
+    return {
+        "fc.U": rng.normal(size=(4, 3)).astype(F32),
+        "fc.V": rng.normal(size=(3, 5)).astype(F32),
+        "fc.bias": rng.normal(size=4).astype(F32),
+        "out.weight": rng.normal(size=(2, 4)).astype(F32),
+    }
+
+
+def node_id(partition: int) -> int:
+    """Node ids unrelated to partition order, as a SuperLink hands them out."""
+    return 9000 - 37 * partition
+
+
+def make_strategy(clients_per_round: int = 5, seed: int = 0,
+                  partitions: tuple[int, ...] = tuple(RANKS)) -> RankWiseFedAvg:
+    strategy = RankWiseFedAvg(clients_per_round, seed=seed)
+    strategy.set_clients({node_id(p): ClientSpec(p, round(0.2 * (p + 1), 2), {"fc": RANKS[p]})
+                          for p in partitions})
+    return strategy
+
+
+def send(strategy: RankWiseFedAvg, server_round: int = 1, grid: FakeGrid | None = None,
+         arrays: dict | None = None) -> list[Message]:
+    grid = grid or FakeGrid([node_id(p) for p in RANKS])
+    arrays = global_arrays() if arrays is None else arrays
+    return list(strategy.configure_train(server_round, to_record(arrays),
+                                         ConfigRecord({"lr": 0.1}), grid))
+
+
+def partition_of(strategy: RankWiseFedAvg, message: Message) -> int:
+    """Partition of the client a message goes to (instruction) or comes from (reply)."""
+    meta = message.metadata
+    node = meta.src_node_id if meta.src_node_id in strategy.clients else meta.dst_node_id
+    return strategy.clients[node].partition_id
+
+
+def trained(message: Message, partition: int) -> dict[str, np.ndarray]:
+    """What a client would send back: its received prefix, moved by a partition-specific amount."""
+    arrays = to_numpy(message.content["arrays"])
+    rng = np.random.default_rng(partition)
+    return {k: (v + rng.normal(size=v.shape)).astype(v.dtype) for k, v in arrays.items()}
+
+
+def reply(message: Message, arrays: dict[str, np.ndarray] | None, examples: object = 10,
+          with_metrics: bool = True, **metrics: float) -> Message:
+    """A reply Message as the ClientApp builds it: arrays plus a metrics record."""
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = to_record(arrays)
+    if with_metrics:
+        content["metrics"] = MetricRecord({"num-examples": examples, "train-loss": 1.0, **metrics})
+    return Message(content=content, reply_to=message)
+
+
+def good_replies(strategy: RankWiseFedAvg, messages: list[Message]) -> list[Message]:
+    out = []
+    for m in messages:
+        p = partition_of(strategy, m)
+        out.append(reply(m, trained(m, p), examples=10 * (p + 1), **{"train-accuracy": 0.1 * p}))
+    return out
+
+
+def hand_merge(strategy: RankWiseFedAvg, replies: list[Message]) -> dict[str, np.ndarray]:
+    """The expected merge: merge_nested over (arrays, num-examples) of the given replies."""
+    pairs = [(to_numpy(r.content["arrays"]), float(r.content["metrics"]["num-examples"]))
+             for r in replies]
+    return merge_nested(global_arrays(), pairs)
+
+
+def assert_arrays_equal(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert got[name].shape == expected[name].shape, name
+        assert got[name].tobytes() == expected[name].tobytes(), name
+
+
+# --------------------------------------------------------------------------- configure_train
+
+
+def test_each_node_gets_its_rank_prefix() -> None:
+    strategy = make_strategy()
+    g = global_arrays()
+    messages = send(strategy, arrays=g)
+    assert len(messages) == len(RANKS)
+    for m in messages:
+        p = partition_of(strategy, m)
+        r = RANKS[p]
+        sent = to_numpy(m.content["arrays"])
+        assert {k: v.shape for k, v in sent.items()} == {
+            "fc.U": (4, r), "fc.V": (r, 5), "fc.bias": (4,), "out.weight": (2, 4)}
+        np.testing.assert_array_equal(sent["fc.U"], g["fc.U"][:, :r])
+        np.testing.assert_array_equal(sent["fc.V"], g["fc.V"][:r])
+        np.testing.assert_array_equal(sent["fc.bias"], g["fc.bias"])
+        assert all(v.dtype == F32 for v in sent.values())
+        config = m.content["config"]
+        assert config["lr"] == pytest.approx(0.1)
+        assert config["server-round"] == 1
+        assert config["budget"] == pytest.approx(strategy.clients[m.metadata.dst_node_id].budget)
+        assert m.metadata.message_type == "train"
+        expected_bytes = 4 * (4 * r + r * 5 + 4 + 2 * 4)
+        assert strategy._bytes_down[m.metadata.dst_node_id] == expected_bytes
+
+
+def test_bytes_down_reach_client_rows() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    strategy.aggregate_train(1, good_replies(strategy, messages))
+    for row in strategy.client_rows:
+        r = RANKS[row["partition-id"]]
+        assert row["bytes-down"] == 4 * (4 * r + r * 5 + 4 + 2 * 4)
+
+
+def test_sampling_is_seeded_distinct_and_known_only() -> None:
+    connected = [node_id(p) for p in RANKS] + [12345]  # 12345: connected but unknown
+    grid = FakeGrid(connected)
+    known = set(make_strategy().clients)
+
+    def rounds(seed: int) -> list[list[int]]:
+        strategy = make_strategy(clients_per_round=3, seed=seed)
+        return [[m.metadata.dst_node_id for m in send(strategy, rnd, grid)] for rnd in range(1, 6)]
+
+    first = rounds(0)
+    assert first == rounds(0)
+    for picked in first:
+        assert len(picked) == 3 and len(set(picked)) == 3
+        assert set(picked) <= known
+    assert rounds(1) != first or rounds(2) != first
+    assert len({tuple(p) for p in first}) > 1, "a seeded sampler still varies across rounds"
+
+
+def test_sampling_skips_disconnected_nodes_and_caps_at_known() -> None:
+    strategy = make_strategy(clients_per_round=10)
+    grid = FakeGrid([node_id(0), node_id(2), node_id(4), 777])
+    picked = [m.metadata.dst_node_id for m in send(strategy, grid=grid)]
+    assert picked == [node_id(0), node_id(2), node_id(4)]  # all known connected, partition order
+    with pytest.raises(RuntimeError):
+        send(strategy, grid=FakeGrid([777]))
+
+
+def test_state_dict_reproduces_next_sample() -> None:
+    grid = FakeGrid([node_id(p) for p in RANKS])
+    a = make_strategy(clients_per_round=2, seed=4)
+    send(a, 1, grid)
+    a.dropped_total = 3
+    state = json.loads(json.dumps(a.state_dict()))  # as the checkpoint stores it
+    expected = [[m.metadata.dst_node_id for m in send(a, rnd, grid)] for rnd in (2, 3, 4)]
+
+    b = make_strategy(clients_per_round=2, seed=99)
+    b.load_state_dict(state)
+    assert b.dropped_total == 3
+    assert [[m.metadata.dst_node_id for m in send(b, rnd, grid)] for rnd in (2, 3, 4)] == expected
+
+
+# --------------------------------------------------------------------------- aggregate_train
+
+
+def test_merge_equals_merge_nested() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)
+    merged, metrics = strategy.aggregate_train(1, replies)
+    assert isinstance(merged, ArrayRecord)
+    got = to_numpy(merged)
+    assert_arrays_equal(got, hand_merge(strategy, replies))
+    # Column 2 of fc.U is covered only by partition 2 (rank 3): it is exactly that client's value.
+    only = next(r for r in replies if partition_of(strategy, r) == 2)
+    np.testing.assert_array_equal(got["fc.U"][:, 2], to_numpy(only.content["arrays"])["fc.U"][:, 2])
+    assert metrics["dropped"] == 0 and metrics["clients"] == len(RANKS)
+    weights = np.array([10.0 * (p + 1) for p in RANKS])
+    assert metrics["examples"] == pytest.approx(weights.sum())
+    assert metrics["train-accuracy"] == pytest.approx(
+        np.average([0.1 * p for p in RANKS], weights=weights))
+    assert strategy.dropped_total == 0
+
+
+def test_client_rows() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)
+    _, metrics = strategy.aggregate_train(4, replies)
+    rows = strategy.client_rows
+    assert [r["partition-id"] for r in rows] == sorted(RANKS)
+    for row in rows:
+        p, r = row["partition-id"], RANKS[row["partition-id"]]
+        assert row["round"] == 4
+        assert row["budget"] == pytest.approx(round(0.2 * (p + 1), 2))
+        assert row["num-examples"] == 10 * (p + 1)
+        assert row["bytes-up"] == row["bytes-down"] == 4 * (4 * r + r * 5 + 4 + 2 * 4)
+    assert metrics["bytes-up"] == sum(r["bytes-up"] for r in rows)
+    assert metrics["bytes-down"] == sum(r["bytes-down"] for r in rows)
+
+
+def test_shuffled_replies_merge_bit_identically() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)
+    reference = to_numpy(strategy.aggregate_train(1, replies)[0])
+    reference_rows = strategy.client_rows
+    rng = np.random.default_rng(7)
+    for _ in range(4):
+        shuffled = [replies[i] for i in rng.permutation(len(replies))]
+        assert_arrays_equal(to_numpy(strategy.aggregate_train(1, shuffled)[0]), reference)
+        assert strategy.client_rows == reference_rows  # rows in partition-id order
+
+
+def _bad_variants(strategy: RankWiseFedAvg, message: Message) -> dict[str, Message]:
+    """One bad reply of each kind, all for the same sent message."""
+    p = partition_of(strategy, message)
+    good = trained(message, p)
+    nan = {**good, "fc.V": good["fc.V"].copy()}
+    nan["fc.V"][0, 0] = np.nan
+    g = global_arrays()
+    larger = {**good, "out.weight": np.ones((3, 4), F32)}
+    missing = {k: v for k, v in good.items() if k != "fc.bias"}
+    wrong_dtype = {**good, "fc.bias": good["fc.bias"].astype(np.float64)}
+    cut_shared = {**good, "out.weight": g["out.weight"][:, :2].copy()}
+    return {
+        "nan": reply(message, nan),
+        "larger": reply(message, larger),
+        "missing": reply(message, missing),
+        "zero-examples": reply(message, good, examples=0),
+        "wrong-dtype": reply(message, wrong_dtype),
+        "no-metrics": reply(message, good, with_metrics=False),
+        "no-arrays": reply(message, None),
+        "cut-shared": reply(message, cut_shared),
+    }
+
+
+BAD_KINDS = ["nan", "larger", "missing", "zero-examples", "wrong-dtype", "no-metrics",
+             "no-arrays", "cut-shared"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_reply_dropped_counted_and_logged(kind: str, caplog_strategies) -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)
+    victim = next(i for i, m in enumerate(messages) if partition_of(strategy, m) == 3)
+    bad = _bad_variants(strategy, messages[victim])[kind]
+    others = replies[:victim] + replies[victim + 1:]
+
+    merged, metrics = strategy.aggregate_train(1, others + [bad])
+    assert_arrays_equal(to_numpy(merged), hand_merge(strategy, others))
+    assert metrics["dropped"] == 1
+    assert metrics["clients"] == len(others)
+    assert strategy.dropped_total == 1
+    assert 3 not in [r["partition-id"] for r in strategy.client_rows]
+    warnings = [r.getMessage() for r in caplog_strategies.records if r.levelno >= logging.WARNING]
+    assert any("partition 3" in w for w in warnings), warnings
+
+
+def test_error_reply_counts_as_dropped() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)
+    error = Message(Error(code=1, reason="client crashed"), reply_to=messages[0])
+    merged, metrics = strategy.aggregate_train(1, [error] + replies[1:])
+    assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
+    assert metrics["dropped"] == 1 and metrics["clients"] == len(replies) - 1
+    assert strategy.dropped_total == 1
+
+
+def test_all_bad_returns_none_and_counts() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    bad = [_bad_variants(strategy, m)[kind]
+           for m, kind in zip(messages, ["nan", "missing", "zero-examples", "wrong-dtype"])]
+    bad.append(Message(Error(code=1, reason="boom"), reply_to=messages[4]))
+    merged, metrics = strategy.aggregate_train(1, bad)
+    assert merged is None
+    assert isinstance(metrics, MetricRecord) and metrics["dropped"] == 5
+    assert strategy.dropped_total == 5
+    assert strategy.client_rows == []
+
+
+def test_dropped_total_accumulates_across_rounds() -> None:
+    strategy = make_strategy()
+    for rnd in (1, 2):
+        messages = send(strategy, rnd)
+        replies = good_replies(strategy, messages)
+        replies[0] = _bad_variants(strategy, messages[0])["nan"]
+        _, metrics = strategy.aggregate_train(rnd, replies)
+        assert metrics["dropped"] == 1
+    assert strategy.dropped_total == 2
+    assert strategy.state_dict()["dropped_total"] == 2
+
+
+def test_mismatched_factor_ranks_dropped() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    m = next(m for m in messages if partition_of(strategy, m) == 2)  # rank 3
+    arrays = trained(m, 2)
+    arrays["fc.U"] = arrays["fc.U"][:, :2].copy()  # U at rank 2, V at rank 3
+    merged, metrics = strategy.aggregate_train(1, [reply(m, arrays)])
+    assert merged is None and metrics["dropped"] == 1
