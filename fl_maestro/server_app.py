@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -116,7 +117,10 @@ class Federation:
         self.test_x, self.test_y = x_test, y_test
 
     def _initial_arrays(self) -> dict[str, np.ndarray]:
-        model = build_model(self.cfg.model, self.shape, self.classes)
+        """The global model at round 0, drawn from the run's seed."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            model = build_model(self.cfg.model, self.shape, self.classes)
         return model_arrays(model)
 
     def _resume(self) -> None:

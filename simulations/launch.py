@@ -116,30 +116,44 @@ class PrivateSuperLink:
             log.error("flwr run exceeded %.0f s", timeout)
             return 124
 
-    def stop(self) -> None:
-        """Kill the SuperLink's whole process group (its simulation and Ray processes too)."""
-        if self.process is not None and self.process.poll() is None:
-            _kill_group(self.process, signal.SIGTERM, wait=15)
-            if self.process.poll() is None:
-                _kill_group(self.process, signal.SIGKILL, wait=5)
+    def stop(self, grace: float = 10) -> None:
+        """Stop the SuperLink and everything started under its FLWR_HOME (simulation, Ray).
+
+        SIGTERM first, SIGKILL for whatever still lives after ``grace`` seconds.
+        """
         if self.process is not None:
-            _kill_group(self.process, signal.SIGKILL, wait=0)  # children that outlived the leader
-            _kill_by_home(self.home)  # simulation and Ray processes in sessions of their own
+            _signal_all(self.process, self.home, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while _alive(self.process, self.home) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            _signal_all(self.process, self.home, signal.SIGKILL)
+            self.process.wait()
+            _wait_gone(self.home)
             log.info("stopped flower-superlink (pid %d)", self.process.pid)
-        self.process = None
+            self.process = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
+    def kill(self) -> None:
+        """Kill at once, as a crash would."""
+        self.stop(grace=0)
 
-def _kill_group(process: subprocess.Popen, sig: int, wait: float) -> None:
+
+def _signal_all(process: subprocess.Popen, home: Path, sig: int) -> None:
+    """Signal the SuperLink's process group and every process under this FLWR_HOME."""
     try:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
         pass
+    for pid in processes_with_home(home):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(process: subprocess.Popen, home: Path) -> bool:
+    return process.poll() is None or bool(processes_with_home(home))
 
 
 def processes_with_home(home: Path) -> list[int]:
@@ -169,25 +183,11 @@ def _ancestors() -> set[int]:
     return pids
 
 
-def _kill_by_home(home: Path, wait: float = 10) -> None:
-    """Kill every process started under this FLWR_HOME, then wait for them to go."""
-    pids = processes_with_home(home)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _wait_gone(home: Path, wait: float = 10) -> None:
+    """Wait until no process under this FLWR_HOME is left (zombies count as gone)."""
     deadline = time.monotonic() + wait
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
+    while processes_with_home(home) and time.monotonic() < deadline:
         time.sleep(0.1)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def federation_config(supernodes: int, cpus_per_client: float = 1, gpus_per_client: float = 0

@@ -1,6 +1,6 @@
 """End to end through the real `flwr run .` path: results files, resume, and no process left behind.
 
-Three runs of the same small experiment (digits, CNN, 4 SuperNodes, 3 clients a round, 3 rounds)
+Three runs of the same small experiment (digits, CNN, 4 SuperNodes, 3 clients a round, 4 rounds)
 on private SuperLinks: one uninterrupted, one killed after its first checkpoint, and that one
 resumed. The resumed run must end exactly where the uninterrupted one did.
 """
@@ -20,7 +20,7 @@ from simulations.launch import PrivateSuperLink, federation_config, processes_wi
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 3
+ROUNDS = 4
 MIX = "0.25:0.5,1.0:0.5"
 
 
@@ -42,7 +42,7 @@ def _flwr_run(home: Path, run_config: dict, kill_after_round: int | None = None)
         worker.start()
         while worker.is_alive():
             if (store.checkpoint_round() or 0) >= kill_after_round:
-                link.stop()  # a crash: the SuperLink and its simulation die mid-run
+                link.kill()  # a crash: the SuperLink and its simulation die mid-run
                 break
             time.sleep(0.05)
         worker.join(timeout=60)

@@ -1,0 +1,134 @@
+"""Benchmarks of the federation: the nested merge against Flower's FedAvg, and the simulator's overhead.
+
+    python -m simulations.bench_federation [--out results/bench] [--rounds 5] [--skip-overhead]
+
+1. Merge: ``merge_nested`` over 100 replies of the ResNet-18's arrays at mixed ranks (the five
+   tiers of the default mix) against Flower's own ``aggregate_arrayrecords`` over 100 full-size
+   replies of the same model. Target: ratio <= 1.0.
+2. Overhead: the default experiment run through ``flwr run .`` (SuperLink, Ray, 100 SuperNodes)
+   against the same federation code driving the same ClientApp in one process
+   (``simulations.inprocess``). Target: ratio <= 1.10. The rounds' own time and the start-up time
+   are reported apart, so one sees where the rest goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fl_maestro.budgets import parse_mix, ranks_for_budget
+from fl_maestro.config import defaults, parse_run_config
+from fl_maestro.models import build_model, model_arrays
+from fl_maestro.results import RunStore
+from fl_maestro.server_app import run_federation, setup_logging
+from simulations.inprocess import InProcessGrid
+from simulations.launch import PrivateSuperLink, federation_config
+from strategies.merge import merge_nested, prefix_arrays
+from strategies.records import to_record
+
+log = logging.getLogger("fl_maestro.bench")
+
+
+def _best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_merge(num_replies: int = 100, repeats: int = 3) -> dict:
+    """Seconds of merge_nested at mixed ranks vs Flower's aggregation at full size."""
+    model = build_model("resnet18", (3, 32, 32), 10)
+    arrays = model_arrays(model)
+    tiers = [ranks_for_budget(model, b) for b, _ in parse_mix(defaults()["device-mix"])]
+    tier_arrays = [prefix_arrays(arrays, ranks) for ranks in tiers]
+    replies = [(tier_arrays[i % len(tiers)], float(100 + i)) for i in range(num_replies)]
+    full_record = to_record(arrays)  # one record shared by every reply: aggregation only reads it
+    records = [RecordDict({"arrays": full_record,
+                           "metrics": MetricRecord({"num-examples": 100 + i})})
+               for i in range(num_replies)]
+    ours = _best_of(lambda: merge_nested(arrays, replies), repeats)
+    flower = _best_of(lambda: aggregate_arrayrecords(records, "num-examples"), repeats)
+    received = sum(a.size for reply, _ in replies for a in reply.values())
+    return {"bench": "merge", "replies": num_replies, "ours-seconds": ours,
+            "flower-fedavg-seconds": flower, "ratio": ours / flower,
+            "received-elements": received,
+            "full-size-elements": num_replies * sum(a.size for a in arrays.values())}
+
+
+def _overrides(results_dir: Path, name: str, rounds: int) -> dict:
+    return {"results-dir": str(results_dir), "run-name": name, "num-rounds": rounds}
+
+
+def bench_overhead(rounds: int, supernodes: int = 100) -> dict:
+    """Wall time of the default experiment through Flower vs in one process."""
+    scratch = Path(tempfile.mkdtemp(prefix="fl-maestro-bench-"))
+    try:
+        start = time.perf_counter()
+        with PrivateSuperLink() as link:
+            code = link.run(_overrides(scratch, "flower", rounds), federation_config(supernodes))
+        flower_wall = time.perf_counter() - start
+        if code != 0:
+            raise RuntimeError(f"flwr run failed with exit code {code}")
+        overrides = _overrides(scratch, "inprocess", rounds)
+        start = time.perf_counter()
+        run_federation(InProcessGrid(supernodes, overrides), parse_run_config(overrides))
+        plain_wall = time.perf_counter() - start
+        flower_rounds = RunStore(scratch / "flower").read("rounds")["seconds"].sum()
+        plain_rounds = RunStore(scratch / "inprocess").read("rounds")["seconds"].sum()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"bench": "overhead", "rounds": rounds, "supernodes": supernodes,
+            "flower-wall-seconds": flower_wall, "inprocess-wall-seconds": plain_wall,
+            "wall-ratio": flower_wall / plain_wall,
+            "flower-round-seconds": flower_rounds, "inprocess-round-seconds": plain_rounds,
+            "round-ratio": flower_rounds / plain_rounds,
+            "flower-startup-seconds": flower_wall - flower_rounds}
+
+
+def machine() -> str:
+    """One line naming the machine and library versions behind the numbers."""
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+            f"threads, torch {torch.__version__}, python {platform.python_version()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks and save ``federation.csv`` and ``federation.md`` under --out."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-overhead", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging()
+    rows = [bench_merge()]
+    log.info("merge: %s", rows[-1])
+    if not args.skip_overhead:
+        rows.append(bench_overhead(args.rounds))
+        log.info("overhead: %s", rows[-1])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "federation.csv", index=False)
+    text = "\n\n".join(pd.DataFrame([r]).dropna(axis=1).to_markdown(index=False, floatfmt=".3f")
+                       for r in rows)
+    (out / "federation.md").write_text(f"# Federation benchmarks\n\n{machine()}\n\n{text}\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

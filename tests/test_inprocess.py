@@ -1,0 +1,72 @@
+"""The federation driven in one process (no SuperLink, no Ray): budgets, tiers and results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fl_maestro.config import parse_run_config
+from fl_maestro.results import RunStore
+from fl_maestro.server_app import run_federation
+from simulations.inprocess import InProcessGrid
+
+
+def _overrides(tmp_path, **extra) -> dict:
+    return {"dataset": "digits", "num-rounds": 2, "clients-per-round": 3, "partitioner": "iid",
+            "device-mix": "0.25:0.5,1.0:0.5", "results-dir": str(tmp_path), "run-name": "run",
+            "eval-samples": 100, "eval-fractions": "0.5,1.0", **extra}
+
+
+def test_node_config_budget_overrides_the_device_mix(tmp_path):
+    overrides = _overrides(tmp_path, **{"clients-per-round": 4})
+    # A deployment sets each SuperNode's budget in its node config; here every node says 0.25.
+    grid = InProcessGrid(4, overrides, node_configs={i: {"budget": 0.25} for i in range(4)})
+    run_federation(grid, parse_run_config(overrides))
+    clients = RunStore(tmp_path / "run").read("clients")
+    assert set(clients["budget"]) == {0.25}
+    assert clients["bytes-down"].nunique() == 1
+
+
+def test_tiers_get_their_ranks_and_the_table_has_every_tier(tmp_path):
+    overrides = _overrides(tmp_path)
+    table = run_federation(InProcessGrid(6, overrides), parse_run_config(overrides))
+    assert list(table.index) == [0.25, 1.0]
+    assert table.loc[0.25, "relative-macs"] <= 0.25
+    assert table.loc[1.0, "relative-macs"] == 1.0
+    assert table.loc[1.0, "eval-examples"] == 360  # final round: the whole test split
+    store = RunStore(tmp_path / "run")
+    evaluation = store.read("evaluation")
+    midway = evaluation[(evaluation["round"] == 1) & (evaluation["metric"] == "eval-examples")]
+    assert (midway["value"] == 100).all()  # earlier rounds: the eval-samples subset
+    clients = store.read("clients")
+    small = clients[clients["budget"] == 0.25]["bytes-down"]
+    large = clients[clients["budget"] == 1.0]["bytes-down"]
+    assert small.max() < large.min()
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    overrides = _overrides(tmp_path, **{"num-rounds": 1})
+    run_federation(InProcessGrid(3, overrides), parse_run_config(overrides))
+    with pytest.raises(ValueError, match="resume=true"):
+        run_federation(InProcessGrid(3, overrides), parse_run_config(overrides))
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    overrides = _overrides(tmp_path, **{"num-rounds": 1})
+    run_federation(InProcessGrid(3, overrides), parse_run_config(overrides))
+    changed = {**overrides, "resume": True, "lr": 0.5}
+    with pytest.raises(ValueError, match="'lr'"):
+        run_federation(InProcessGrid(3, changed), parse_run_config(changed))
+
+
+def test_resume_continues_to_the_same_model(tmp_path):
+    full = _overrides(tmp_path / "a", **{"num-rounds": 3})
+    run_federation(InProcessGrid(4, full), parse_run_config(full))
+    first = _overrides(tmp_path / "b", **{"num-rounds": 1})
+    run_federation(InProcessGrid(4, first), parse_run_config(first))
+    rest = {**first, "num-rounds": 3, "resume": True}
+    run_federation(InProcessGrid(4, rest), parse_run_config(rest))
+    _, a, _ = RunStore(tmp_path / "a" / "run").load_checkpoint()
+    _, b, _ = RunStore(tmp_path / "b" / "run").load_checkpoint()
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], atol=1e-6, err_msg=name)
