@@ -27,25 +27,28 @@ def check_budget(budget: float) -> float:
 
 
 def ranks_for_budget(model: RankedModel, budget: float, method: str = "uniform",
-                     cost: str = "macs") -> dict[str, int]:
+                     cost: str = "macs", reference_cost: float | None = None) -> dict[str, int]:
     """Per-layer ranks whose cost is at most ``budget`` times the model's full-rank cost.
 
     ``uniform`` takes the largest common rank fraction that fits; ``importance`` adds components
-    greedily by importance per unit of cost (Maestro's deployment-time allocation). Raises
-    ValueError when even rank 1 everywhere does not fit.
+    greedily by importance per unit of cost (Maestro's deployment-time allocation).
+    ``reference_cost`` measures the budget against another cost than the model's own, e.g. the
+    original global model's after progressive shrinking made it smaller: a device's compute does
+    not shrink with the model. Raises ValueError when even rank 1 everywhere does not fit.
     """
     budget = check_budget(budget)
     if method not in ALLOCATIONS:
         raise ValueError(f"rank allocation {method!r} is not allowed: use one of {ALLOCATIONS}")
     if cost not in COST_KINDS:
         raise ValueError(f"cost kind {cost!r} is not allowed: use one of {COST_KINDS}")
-    limit = budget * model.cost(kind=cost)
+    reference = model.cost(kind=cost) if reference_cost is None else reference_cost
+    limit = budget * reference
     floor = {name: 1 for name in model.max_ranks()}
     if model.cost(floor, cost) > limit * (1 + 1e-12):
-        smallest = model.cost(floor, cost) / model.cost(kind=cost)
+        smallest = model.cost(floor, cost) / reference
         raise ValueError(f"budget {budget} is below the smallest runnable model "
                          f"({smallest:.4f} of the full cost at rank 1 everywhere)")
-    if budget == 1.0:
+    if model.cost(kind=cost) <= limit:
         return model.max_ranks()
     if method == "uniform":
         return _uniform_ranks(model, limit, cost)

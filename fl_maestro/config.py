@@ -17,7 +17,9 @@ from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS
 from fl_maestro.sampling import SAMPLERS
 
-STRATEGIES = ("rankwise",)
+from fl_maestro.plans import RANK_STRATEGIES
+
+STRATEGIES = RANK_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,10 @@ KEYS: dict[str, Key] = {
     "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))}", lambda v: v in SAMPLERS),
     "distill": Key(False, "true or false", _is_bool),
     "hgl-lambda": Key(0.0, "a number >= 0", _number(0, math.inf)),
+    "shrink-every": Key(0, "an integer >= 0 (rounds between progressive shrinking; 0: off)",
+                        _int(0)),
+    "shrink-threshold": Key(1e-5, "a number >= 0 (importance under which a component is cut)",
+                            _number(0, math.inf)),
     "eval-fractions": Key("0.1,0.25,0.5,0.75,1.0", "comma-separated numbers in (0, 1]", _fractions),
     "eval-every": Key(1, "an integer >= 1", _int(1)),
     "eval-samples": Key(2000, "an integer >= 0 (0: the whole test set)", _int(0)),
@@ -127,6 +133,8 @@ class RunConfig:
     sampler: str
     distill: bool
     hgl_lambda: float
+    shrink_every: int
+    shrink_threshold: float
     eval_fractions: str
     eval_every: int
     eval_samples: int

@@ -266,3 +266,43 @@ def model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,
 def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's state dict as numpy arrays (copies, C-contiguous)."""
     return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def load_dense_state(model: RankedModel, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+    """Load a dense model's state dict: every low-rank layer from its dense weight by SVD.
+
+    ``state`` holds ``<layer>.weight`` (and ``<layer>.bias``) for the decomposed layers and the
+    model's own names for everything else, as saved from the same architecture undecomposed.
+    """
+    state = {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}
+    own = model.state_dict()
+    layers = model.low_rank_layers()
+    expected = {k for k in own if k.rsplit(".", 1)[0] not in layers}
+    expected |= {f"{n}.weight" for n in layers} | {f"{n}.bias" for n, m in layers.items()
+                                                   if m.bias is not None}
+    if set(state) != expected:
+        raise ValueError(f"dense state dict does not match the model: missing "
+                         f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
+    for name, layer in layers.items():
+        layer.set_dense_weight(state[f"{name}.weight"])
+        if layer.bias is not None:
+            layer.bias.copy_(state[f"{name}.bias"])
+    for key in own:
+        if key in state:
+            own[key].copy_(state[key])
+
+
+def dense_state(model: RankedModel) -> dict[str, np.ndarray]:
+    """The model as a dense state dict: each low-rank layer's ``U @ V`` as ``<layer>.weight``."""
+    layers = model.low_rank_layers()
+    state = {}
+    for key, value in model_arrays(model).items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in layers and leaf in ("U", "V"):
+            if leaf == "U":
+                weight = layers[layer].composed_weight(layers[layer].max_rank)
+                state[f"{layer}.weight"] = weight.detach().cpu().numpy()
+            continue
+        state[key] = value
+    return state

@@ -1,45 +1,26 @@
-"""Flower ServerApp: wiring of config, budgets, strategy, evaluation, results and checkpoints.
+"""Flower ServerApp: validate the run config once, then run the federation on Flower's Grid.
 
-One run: validate the run config; ask every node for its partition (and deployment budget); give
-each node the ranks its budget affords; then each round sample, send prefixes, merge, evaluate the
-global model at a grid of rank fractions and at every tier's ranks, append the rows to
-``results/<run>/`` and checkpoint, so that ``resume=true`` continues a killed run.
+Everything a run does lives in ``fl_maestro.federation``; this module only adapts it to Flower.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
 
-import numpy as np
-import pandas as pd
-import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_maestro.budgets import assign_budgets, parse_mix, ranks_for_budget
-from fl_maestro.config import RunConfig, parse_run_config
-from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
-from fl_maestro.models import RankedModel, build_model, model_arrays, model_from_arrays
-from fl_maestro.results import RunStore
-from fl_maestro.training import evaluate
-from strategies.rankwise import ClientSpec, RankWiseFedAvg
-from strategies.records import to_numpy, to_record
-
-log = logging.getLogger(__name__)
+from fl_maestro.config import parse_run_config
+from fl_maestro.federation import run_federation
 
 app = ServerApp()
-
-# Keys a resumed run may change: they do not alter what the finished rounds computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every"})
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run one federated experiment as the run config describes."""
     setup_logging()
-    cfg = parse_run_config(context.run_config)
+    cfg = parse_run_config(context.run_config)  # a bad key or value stops here, before any client
     run_federation(grid, cfg)
 
 
@@ -47,177 +28,9 @@ def setup_logging() -> None:
     """Show this project's INFO logs in the streamed run log (Flower configures its own)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    for name in ("fl_maestro", "strategies"):
+    for name in ("fl_maestro", "strategies", "simulations"):
         logger = logging.getLogger(name)
         if not logger.handlers:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-
-
-def discover_nodes(grid: Grid, timeout: float = 600) -> dict[int, Mapping]:
-    """Ask every connected node for its partition id, partition count and optional budget."""
-    node_ids = sorted(grid.get_node_ids())
-    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                for n in node_ids]
-    nodes = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: "
-                               f"{reply.error.reason}")
-        nodes[reply.metadata.src_node_id] = dict(reply.content["node"])
-    log.info("discovered %d nodes", len(nodes))
-    return nodes
-
-
-def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, float]:
-    """Each node's budget: its node-config budget if set, else the device mix's draw for its partition."""
-    counts = {int(info["num-partitions"]) for info in nodes.values()}
-    if len(counts) != 1:
-        raise ValueError(f"nodes disagree on num-partitions: {sorted(counts)}")
-    mix_budgets = assign_budgets(cfg.device_mix, counts.pop(), np.random.default_rng(cfg.seed))
-    return {node: float(info["budget"]) if "budget" in info
-            else float(mix_budgets[int(info["partition-id"])]) for node, info in nodes.items()}
-
-
-def evaluation_rows(model: RankedModel, loader, cfg: RunConfig, server_round: int,
-                    tier_ranks: Mapping[float, Mapping[str, int]]) -> list[dict]:
-    """Tidy rows of the global model's accuracy, loss and cost at every fraction and tier."""
-    levels = [("fraction", p, model.ranks_at_fraction(p)) for p in cfg.fractions]
-    levels += [("tier", b, ranks) for b, ranks in tier_ranks.items()]
-    full_macs, dense_macs = model.cost(kind="macs"), model.dense_cost("macs")
-    rows = []
-    for kind, level, ranks in levels:
-        result = evaluate(model, loader, ranks)
-        macs = model.cost(ranks, "macs")
-        values = {"accuracy": result["accuracy"], "loss": result["loss"], "macs": macs,
-                  "params": model.cost(ranks, "params"), "relative-macs": macs / full_macs,
-                  "dense-relative-macs": macs / dense_macs, "eval-examples": result["examples"]}
-        rows += [{"round": server_round, "kind": kind, "level": level, "metric": k, "value": v}
-                 for k, v in values.items()]
-    return rows
-
-
-class Federation:
-    """The state of one run: global arrays, strategy, evaluation data and the results folder."""
-
-    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
-        self.grid, self.cfg = grid, cfg
-        self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
-        self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
-        self.strategy = RankWiseFedAvg(cfg.clients_per_round, seed=cfg.seed)
-        self.start_round, self.arrays = 1, self._initial_arrays()
-        if cfg.resume and self.store.has_checkpoint():
-            self._resume()
-        elif self.store.has_checkpoint():
-            raise ValueError(f"{self.store.root} already holds a run: pass resume=true to continue "
-                             "it, or choose another run-name")
-        self.store.write_config(cfg.to_dict())
-        _, _, x_test, y_test = load_dataset(cfg.dataset)
-        self.test_x, self.test_y = x_test, y_test
-
-    def _initial_arrays(self) -> dict[str, np.ndarray]:
-        """The global model at round 0, drawn from the run's seed."""
-        with torch.random.fork_rng():
-            torch.manual_seed(self.cfg.seed)
-            model = build_model(self.cfg.model, self.shape, self.classes)
-        return model_arrays(model)
-
-    def _resume(self) -> None:
-        saved = self.store.read_config()
-        changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-        if changed:
-            raise ValueError(f"resume=true but the config differs from the checkpointed run in "
-                             f"{changed} (saved, now); only {sorted(RESUMABLE_CHANGES)} may change")
-        last, self.arrays, state = self.store.load_checkpoint()
-        self.strategy.load_state_dict(state["strategy"])
-        self.store.truncate_after(last)
-        self.start_round = last + 1
-        log.info("resuming %s after round %d", self.store.root, last)
-
-    def global_model(self) -> RankedModel:
-        """The current global model at full rank."""
-        return model_from_arrays(self.cfg.model, self.shape, self.classes, self.arrays)
-
-    def tier_ranks(self, model: RankedModel) -> dict[float, dict[str, int]]:
-        """Ranks of every budget tier of the device mix on the current global model."""
-        cfg = self.cfg
-        return {b: ranks_for_budget(model, b, cfg.rank_allocation, cfg.cost)
-                for b, _ in parse_mix(cfg.device_mix)}
-
-    def assign_clients(self, nodes: Mapping[int, Mapping]) -> None:
-        """Give the strategy every node's spec: partition, budget and the ranks it affords."""
-        model = self.global_model()
-        budgets = node_budgets(self.cfg, nodes)
-        ranks = {b: ranks_for_budget(model, b, self.cfg.rank_allocation, self.cfg.cost)
-                 for b in set(budgets.values())}
-        self.strategy.set_clients({n: ClientSpec(int(nodes[n]["partition-id"]), b, ranks[b])
-                                   for n, b in budgets.items()})
-
-    def evaluate(self, server_round: int, final: bool = False) -> list[dict]:
-        """Evaluate the global model (on the whole test set for the final round)."""
-        n = len(self.test_y) if final or self.cfg.eval_samples == 0 else self.cfg.eval_samples
-        subset = np.random.default_rng(self.cfg.seed).permutation(len(self.test_y))[:n]
-        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=500)
-        model = self.global_model()
-        return evaluation_rows(model, loader, self.cfg, server_round, self.tier_ranks(model))
-
-    def train_round(self, server_round: int) -> dict:
-        """One round of sampling, local training and merging; returns the round's summary row."""
-        start = time.perf_counter()
-        messages = self.strategy.configure_train(server_round, to_record(self.arrays),
-                                                 ConfigRecord(), self.grid)
-        replies = self.grid.send_and_receive(messages, timeout=3600)
-        merged, metrics = self.strategy.aggregate_train(server_round, replies)
-        if merged is not None:
-            self.arrays = to_numpy(merged)
-        row = {"round": server_round, **dict(metrics or {})}
-        row["seconds"] = time.perf_counter() - start
-        return row
-
-    def checkpoint(self, server_round: int) -> None:
-        """Save everything a resumed run needs to continue after ``server_round``."""
-        self.store.save_checkpoint(server_round, self.arrays,
-                                   {"strategy": self.strategy.state_dict()})
-
-
-def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
-    """Run every round, writing results as it goes; returns the final per-tier table."""
-    fed = Federation(grid, cfg)
-    fed.assign_clients(discover_nodes(grid))
-    if fed.start_round == 1:
-        fed.store.append("evaluation", fed.evaluate(0))
-    started = time.perf_counter()
-    for rnd in range(fed.start_round, cfg.num_rounds + 1):
-        row = fed.train_round(rnd)
-        final = rnd == cfg.num_rounds
-        if final or rnd % cfg.eval_every == 0:
-            fed.store.append("evaluation", fed.evaluate(rnd, final=final))
-        fed.store.append("clients", fed.strategy.client_rows)
-        fed.store.append("rounds", [row])
-        fed.checkpoint(rnd)
-        _log_progress(fed, rnd, started)
-    table = tier_table(fed.store.read("evaluation"), cfg.num_rounds)
-    log.info("final global-model accuracy by tier (%s):\n%s", fed.store.root, table.to_string())
-    return table
-
-
-def _log_progress(fed: Federation, rnd: int, started: float) -> None:
-    done = rnd - fed.start_round + 1
-    left = fed.cfg.num_rounds - rnd
-    per_round = (time.perf_counter() - started) / done
-    evaluation = fed.store.read("evaluation")
-    latest = evaluation[(evaluation["metric"] == "accuracy") & (evaluation["kind"] == "tier")]
-    latest = latest[latest["round"] == latest["round"].max()]
-    accs = " ".join(f"{b:g}:{a:.3f}" for b, a in zip(latest["level"], latest["value"]))
-    log.info("round %d/%d done | tier accuracy (round %s) %s | %.1f s/round | ETA %.0f s", rnd,
-             fed.cfg.num_rounds, latest["round"].max(), accs, per_round, per_round * left)
-
-
-def tier_table(evaluation: pd.DataFrame, server_round: int) -> pd.DataFrame:
-    """Per-tier accuracy and cost of the global model at ``server_round``."""
-    rows = evaluation[(evaluation["round"] == server_round) & (evaluation["kind"] == "tier")]
-    table = rows.pivot_table(index="level", columns="metric", values="value")
-    table.index.name = "budget"
-    return table[["accuracy", "relative-macs", "dense-relative-macs", "params", "eval-examples"]]

@@ -32,7 +32,8 @@ from fl_maestro.budgets import parse_mix, ranks_for_budget
 from fl_maestro.config import defaults, parse_run_config
 from fl_maestro.models import build_model, model_arrays
 from fl_maestro.results import RunStore
-from fl_maestro.server_app import run_federation, setup_logging
+from fl_maestro.federation import run_federation
+from fl_maestro.server_app import setup_logging
 from simulations.inprocess import InProcessGrid
 from simulations.launch import PrivateSuperLink, federation_config
 from strategies.merge import merge_nested, prefix_arrays

@@ -25,7 +25,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_maestro.client_app import app as client_app
 from fl_maestro.config import parse_run_config
-from fl_maestro.server_app import run_federation, setup_logging
+from fl_maestro.federation import run_federation
+from fl_maestro.server_app import setup_logging
 from simulations.launch import parse_overrides
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import pytest
 
 from fl_maestro.config import parse_run_config
 from fl_maestro.results import RunStore
-from fl_maestro.server_app import run_federation
+from fl_maestro.federation import run_federation
 from simulations.inprocess import InProcessGrid
 
 

@@ -1,0 +1,255 @@
+"""One federated run, round by round: plans, training, merging, shrinking, evaluation, results.
+
+``run_federation(grid, cfg)`` drives any ``flwr.serverapp.Grid``: Flower's own (``flwr run .``)
+or ``simulations.inprocess.InProcessGrid``. Each round it re-plans every client's ranks on the
+current global model (so importance allocation and shrinking take effect), lets the strategy
+sample, send, validate and merge, optionally shrinks the global model, evaluates it at a grid of
+rank fractions and at every tier's ranks, appends the rows to ``results/<run>/`` and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from safetensors.numpy import load_file
+
+from fl_maestro.budgets import assign_budgets, parse_mix
+from fl_maestro.config import RunConfig
+from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
+from fl_maestro.models import (RankedModel, build_model, load_dense_state, model_arrays,
+                               model_from_arrays)
+from fl_maestro.plans import plan_ranks, takes_part
+from fl_maestro.results import RunStore
+from fl_maestro.shrinking import importance_from_arrays, shrink_ranks
+from fl_maestro.training import evaluate
+from strategies.merge import factor_layer, prefix_arrays
+from strategies.rankwise import ClientSpec, RankWiseFedAvg
+from strategies.records import to_numpy, to_record
+
+log = logging.getLogger(__name__)
+
+# Keys a resumed run may change: they do not alter what the finished rounds computed.
+RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every"})
+
+
+def discover_nodes(grid: Grid, timeout: float = 600) -> dict[int, Mapping]:
+    """Ask every connected node for its partition id, partition count and optional budget."""
+    node_ids = sorted(grid.get_node_ids())
+    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in node_ids]
+    nodes = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: "
+                               f"{reply.error.reason}")
+        nodes[reply.metadata.src_node_id] = dict(reply.content["node"])
+    log.info("discovered %d nodes", len(nodes))
+    return nodes
+
+
+def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, float]:
+    """Each node's budget: its node-config budget if set, else the device mix's draw for its partition."""
+    counts = {int(info["num-partitions"]) for info in nodes.values()}
+    if len(counts) != 1:
+        raise ValueError(f"nodes disagree on num-partitions: {sorted(counts)}")
+    mix_budgets = assign_budgets(cfg.device_mix, counts.pop(), np.random.default_rng(cfg.seed))
+    return {node: float(info["budget"]) if "budget" in info
+            else float(mix_budgets[int(info["partition-id"])]) for node, info in nodes.items()}
+
+
+def evaluation_rows(model: RankedModel, loader, fractions: list[float], server_round: int,
+                    tier_ranks: Mapping[float, Mapping[str, int]],
+                    full_macs: float | None = None) -> list[dict]:
+    """Tidy rows of the global model's accuracy, loss and cost at every fraction and tier.
+
+    ``relative-macs`` is relative to ``full_macs`` (default: the model's own full-rank MACs),
+    ``dense-relative-macs`` to the same network undecomposed.
+    """
+    levels = [("fraction", p, model.ranks_at_fraction(p)) for p in fractions]
+    levels += [("tier", b, ranks) for b, ranks in tier_ranks.items()]
+    full_macs = model.cost(kind="macs") if full_macs is None else full_macs
+    dense_macs = model.dense_cost("macs")
+    rows = []
+    for kind, level, ranks in levels:
+        result = evaluate(model, loader, ranks)
+        macs = model.cost(ranks, "macs")
+        values = {"accuracy": result["accuracy"], "loss": result["loss"], "macs": macs,
+                  "params": model.cost(ranks, "params"), "relative-macs": macs / full_macs,
+                  "dense-relative-macs": macs / dense_macs, "eval-examples": result["examples"]}
+        rows += [{"round": server_round, "kind": kind, "level": level, "metric": k, "value": v}
+                 for k, v in values.items()]
+    return rows
+
+
+def shrink_arrays(arrays: Mapping[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+    """Cut every layer's trailing components whose importance is under ``threshold``."""
+    layers = sorted({factor_layer(n) for n in arrays if factor_layer(n) is not None})
+    importances = {layer: importance_from_arrays(arrays[f"{layer}.U"], arrays[f"{layer}.V"])
+                   for layer in layers}
+    return prefix_arrays(arrays, shrink_ranks(importances, threshold))
+
+
+class Federation:
+    """The state of one run: global arrays, strategy, evaluation data and the results folder."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
+        self.grid, self.cfg = grid, cfg
+        self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
+        self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
+        self.strategy = RankWiseFedAvg(cfg.clients_per_round, seed=cfg.seed)
+        self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
+        self.budgets: dict[int, float] = {}
+        self.partitions: dict[int, int] = {}
+        self.start_round = 1
+        original = build_model(cfg.model, self.shape, self.classes, "meta")
+        self.reference_cost = original.cost(kind=cfg.cost)  # budgets are fractions of this
+        self.reference_macs = original.cost(kind="macs")
+        if cfg.resume and self.store.has_checkpoint():
+            self._resume()
+        elif self.store.has_checkpoint():
+            raise ValueError(f"{self.store.root} already holds a run: pass resume=true to continue "
+                             "it, or choose another run-name")
+        else:
+            self.arrays = self._initial_arrays()
+        self.store.write_config(cfg.to_dict())
+        _, _, self.test_x, self.test_y = load_dataset(cfg.dataset)
+
+    def _initial_arrays(self) -> dict[str, np.ndarray]:
+        """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            model = build_model(self.cfg.model, self.shape, self.classes)
+        if self.cfg.init.startswith("svd:"):
+            load_dense_state(model, load_file(self.cfg.init[4:]))
+            log.info("initialised every factor pair by SVD of %s", self.cfg.init[4:])
+        return model_arrays(model)
+
+    def _resume(self) -> None:
+        saved = self.store.read_config()
+        changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        if changed:
+            raise ValueError(f"resume=true but the config differs from the checkpointed run in "
+                             f"{changed} (saved, now); only {sorted(RESUMABLE_CHANGES)} may change")
+        last, self.arrays, state = self.store.load_checkpoint()
+        self.strategy.load_state_dict(state["strategy"])
+        self.store.truncate_after(last)
+        self.start_round = last + 1
+        log.info("resuming %s after round %d", self.store.root, last)
+
+    def global_model(self) -> RankedModel:
+        """The current global model at its maximum ranks."""
+        return model_from_arrays(self.cfg.model, self.shape, self.classes, self.arrays)
+
+    def plan(self, model: RankedModel, budget: float) -> dict[str, int]:
+        """The ranks a device of ``budget`` trains and runs under this run's strategy.
+
+        Budgets stay fractions of the original full-rank model's cost: when shrinking makes the
+        global model smaller, a device still affords what it did, so it gets more of the model.
+        """
+        return plan_ranks(self.cfg.strategy, model, budget, self.tiers, self.cfg.rank_allocation,
+                          self.cfg.cost, self.reference_cost)
+
+    def set_nodes(self, nodes: Mapping[int, Mapping]) -> None:
+        """Learn every node's partition and budget (node config, else the device mix)."""
+        self.budgets = node_budgets(self.cfg, nodes)
+        self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
+        if not any(takes_part(self.cfg.strategy, b) for b in self.budgets.values()):
+            raise ValueError(f"strategy {self.cfg.strategy!r}: no node takes part with budgets "
+                             f"{sorted(set(self.budgets.values()))}")
+
+    def replan(self) -> None:
+        """Give the strategy every taking-part node's ranks on the current global model."""
+        model = self.global_model()
+        ranks = {b: self.plan(model, b) for b in set(self.budgets.values())}
+        self.strategy.set_clients({
+            n: ClientSpec(self.partitions[n], b, ranks[b]) for n, b in self.budgets.items()
+            if takes_part(self.cfg.strategy, b)})
+
+    def evaluate(self, server_round: int, final: bool = False) -> list[dict]:
+        """Evaluate the global model (on the whole test set for the final round)."""
+        n = len(self.test_y) if final or self.cfg.eval_samples == 0 else self.cfg.eval_samples
+        subset = np.random.default_rng(self.cfg.seed).permutation(len(self.test_y))[:n]
+        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=500)
+        model = self.global_model()
+        tiers = {b: self.plan(model, b) for b in self.tiers}
+        return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,
+                               self.reference_macs)
+
+    def train_round(self, server_round: int) -> dict:
+        """One round of planning, sampling, local training, merging and shrinking."""
+        start = time.perf_counter()
+        self.replan()
+        messages = self.strategy.configure_train(server_round, to_record(self.arrays),
+                                                 ConfigRecord(), self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=3600)
+        merged, metrics = self.strategy.aggregate_train(server_round, replies)
+        if merged is not None:
+            self.arrays = to_numpy(merged)
+        every = self.cfg.shrink_every
+        if every and server_round % every == 0:
+            self.shrink(server_round)
+        return {"round": server_round, **dict(metrics or {}),
+                "global-params": int(sum(a.size for a in self.arrays.values())),
+                "seconds": time.perf_counter() - start}
+
+    def shrink(self, server_round: int) -> None:
+        """Progressive shrinking: cut trailing components under the importance threshold."""
+        before = self.global_model().max_ranks()
+        self.arrays = shrink_arrays(self.arrays, self.cfg.shrink_threshold)
+        after = self.global_model().max_ranks()
+        cut = {n: f"{before[n]}->{after[n]}" for n in before if after[n] != before[n]}
+        log.info("round %d: shrinking cut %s", server_round, cut or "nothing")
+
+    def checkpoint(self, server_round: int) -> None:
+        """Save everything a resumed run needs to continue after ``server_round``."""
+        self.store.save_checkpoint(server_round, self.arrays,
+                                   {"strategy": self.strategy.state_dict()})
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
+    """Run every round, writing results as it goes; returns the final per-tier table."""
+    fed = Federation(grid, cfg)
+    fed.set_nodes(discover_nodes(grid))
+    if fed.start_round == 1:
+        fed.store.append("evaluation", fed.evaluate(0))
+    started = time.perf_counter()
+    for rnd in range(fed.start_round, cfg.num_rounds + 1):
+        row = fed.train_round(rnd)
+        final = rnd == cfg.num_rounds
+        if final or rnd % cfg.eval_every == 0:
+            fed.store.append("evaluation", fed.evaluate(rnd, final=final))
+        fed.store.append("clients", fed.strategy.client_rows)
+        fed.store.append("rounds", [row])
+        fed.checkpoint(rnd)
+        _log_progress(fed, rnd, started)
+    table = tier_table(fed.store.read("evaluation"), cfg.num_rounds)
+    log.info("final global-model accuracy by tier (%s):\n%s", fed.store.root, table.to_string())
+    return table
+
+
+def _log_progress(fed: Federation, rnd: int, started: float) -> None:
+    done = rnd - fed.start_round + 1
+    left = fed.cfg.num_rounds - rnd
+    per_round = (time.perf_counter() - started) / done
+    evaluation = fed.store.read("evaluation")
+    latest = evaluation[(evaluation["metric"] == "accuracy") & (evaluation["kind"] == "tier")]
+    latest = latest[latest["round"] == latest["round"].max()]
+    accs = " ".join(f"{b:g}:{a:.3f}" for b, a in zip(latest["level"], latest["value"]))
+    log.info("round %d/%d done | tier accuracy (round %s) %s | %.1f s/round | ETA %.0f s", rnd,
+             fed.cfg.num_rounds, latest["round"].max(), accs, per_round, per_round * left)
+
+
+def tier_table(evaluation: pd.DataFrame, server_round: int) -> pd.DataFrame:
+    """Per-tier accuracy and cost of the global model at ``server_round``."""
+    rows = evaluation[(evaluation["round"] == server_round) & (evaluation["kind"] == "tier")]
+    table = rows.pivot_table(index="level", columns="metric", values="value")
+    table.index.name = "budget"
+    return table[["accuracy", "relative-macs", "dense-relative-macs", "params", "eval-examples"]]

@@ -1,0 +1,414 @@
+"""Width-sliced models for the FjORD and HeteroFL baselines, behind the rank interface of ``models``.
+
+A width layer holds an ordinary dense ``weight`` / ``bias``. Its *rank* is the number of output
+channels it runs (a leading slice, ``max_rank`` = the channels it holds), and its input width is
+read from the input itself: it computes with ``weight[:rank, :x.shape[1]]``. So a model at ranks
+``r`` is exactly the leading-corner sub-network that a client built at widths ``r`` holds, no layer
+keeps state from another, and every array is cut as a leading corner, which is all the nested merge
+(``strategies.merge``) needs. The classifier keeps its full output and only slices its input.
+
+``training.train`` (with ``weight_decay=0``), ``evaluate``, ``budgets.ranks_for_budget(...,
+"uniform")``, ``merge_nested`` and ``corner_arrays`` work on these models unchanged. A layer's cost
+depends on the active width of the layer before it, so costs and slice shapes come from a forward
+traced on the ``meta`` device at the asked ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from fl_maestro.layers import _check_rank
+from fl_maestro.models import COST_KINDS, RankedModel, at_ranks
+
+Shape = tuple[int, ...]
+
+
+class NotFactorised(AttributeError, ValueError):
+    """Asked a width layer for ordered factors ``U`` / ``V``, which it does not have.
+
+    An AttributeError so ``hasattr`` stays False; a ValueError so factor-only features (importance
+    allocation, HGL, factor weight decay) fail on width models with this message, not a bare one.
+    """
+
+
+class WidthLayer:
+    """Rank interface of a width layer: ``rank`` active output channels of the ``max_rank`` held."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    rank: int
+    sliceable_out: bool
+
+    @property
+    def max_rank(self) -> int:
+        """Output channels the layer holds."""
+        return self.weight.shape[0]
+
+    def set_rank(self, rank: int) -> None:
+        """Run the first ``rank`` output channels (1 <= rank <= max_rank; only max if not sliceable)."""
+        rank = _check_rank(rank, self.max_rank)
+        if not self.sliceable_out and rank != self.max_rank:
+            raise ValueError(f"rank={rank!r}: this layer's output is not sliceable ({self.max_rank})")
+        self.rank = rank
+
+    def slice_shapes(self, rank: int | None = None, in_width: int | None = None) -> dict[str, Shape]:
+        """Shapes of ``weight`` / ``bias`` used at ``rank`` outputs and ``in_width`` inputs."""
+        r, fan_in = self._active(rank, in_width)
+        shapes = {"weight": (r, fan_in, *self.weight.shape[2:])}
+        return shapes if self.bias is None else {**shapes, "bias": (r,)}
+
+    def params(self, rank: int | None = None, in_width: int | None = None) -> int:
+        """Parameters used at ``rank`` outputs and ``in_width`` inputs (default: active / held)."""
+        return sum(math.prod(s) for s in self.slice_shapes(rank, in_width).values())
+
+    def macs(self, rank: int | None = None, positions: int = 1, in_width: int | None = None) -> int:
+        """Multiply-accumulates per sample; ``positions`` = output pixels of a conv."""
+        return math.prod(self.slice_shapes(rank, in_width)["weight"]) * positions
+
+    def dense_params(self) -> int:
+        """Parameters of the whole held layer."""
+        return self.params(self.max_rank, self.weight.shape[1])
+
+    def dense_macs(self, positions: int = 1) -> int:
+        """Multiply-accumulates per sample of the whole held layer."""
+        return self.weight.numel() * positions
+
+    def _active(self, rank: int | None, in_width: int | None) -> tuple[int, int]:
+        r = self.rank if rank is None else _check_rank(rank, self.max_rank)
+        held_in = self.weight.shape[1]
+        return r, held_in if in_width is None else _check_rank(in_width, held_in, "in_width")
+
+    def __getattr__(self, name: str):
+        if name in ("U", "V"):
+            raise NotFactorised(
+                f"{type(self).__name__} has no ordered factors {name!r}: width models support "
+                "uniform allocation, plain ordered dropout and FedAvg-style merging only, not "
+                "importance allocation, HGL or factor weight decay")
+        return super().__getattr__(name)  # nn.Module's lookup of parameters and submodules
+
+
+class WidthLinear(WidthLayer, nn.Linear):
+    """``y = x @ W[:r, :in]^T + b[:r]`` with ``in = x.shape[-1]``: a linear layer on a leading slice.
+
+    Shape:
+        - Input: ``(*, in)`` with ``in <= in_features``
+        - Output: ``(*, rank)``; ``rank`` is ``out_features`` when ``sliceable_out`` is False.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 sliceable_out: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.sliceable_out, self.rank = sliceable_out, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rank
+        return F.linear(x, self.weight[:r, : x.shape[-1]], None if self.bias is None else self.bias[:r])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, sliceable_out={self.sliceable_out}"
+
+
+class WidthConv2d(WidthLayer, nn.Conv2d):
+    """A conv run with ``weight[:r, :c_in]``, ``c_in = x.shape[1]``: ``r`` of its output channels.
+
+    Shape:
+        - Input: ``(N, c_in, H, W)`` with ``c_in <= in_channels``
+        - Output: ``(N, rank, H_out, W_out)`` with ``H_out, W_out`` as for ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
+                         device=device, dtype=dtype)
+        self.sliceable_out, self.rank = True, out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rank
+        bias = None if self.bias is None else self.bias[:r]
+        return F.conv2d(x, self.weight[:r, : x.shape[1]], bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"
+
+
+class WidthGroupNorm(nn.Module):
+    """GroupNorm over the input's leading channels with a fixed number of channels per group.
+
+    A fixed group size keeps every whole group of a leading corner identical to the global one; a
+    trailing partial group (odd widths) is normalised on its own.
+    """
+
+    def __init__(self, num_channels: int, group_size: int, eps: float = 1e-5, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+
+    def slice_shapes(self, rank: int | None = None, in_width: int | None = None) -> dict[str, Shape]:
+        """Shapes of ``weight`` / ``bias`` used on ``in_width`` channels."""
+        c = self.weight.shape[0] if in_width is None else in_width
+        return {"weight": (c,), "bias": (c,)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, g = x.shape[1], self.group_size
+        whole = c - c % g
+        parts = [F.group_norm(x[:, :whole], whole // g, self.weight[:whole], self.bias[:whole],
+                              self.eps)] if whole else []
+        if whole < c:
+            parts.append(F.group_norm(x[:, whole:], 1, self.weight[whole:c], self.bias[whole:c],
+                                      self.eps))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+
+_SLICED = (WidthLayer, WidthGroupNorm)
+
+
+class WidthModel(RankedModel):
+    """A network of width layers: ranks are output widths, costs follow the active widths."""
+
+    def low_rank_layers(self) -> dict[str, WidthLayer]:
+        """The width-sliceable layers by module name (the classifier's output is not among them)."""
+        return {n: m for n, m in self.named_modules()
+                if isinstance(m, WidthLayer) and m.sliceable_out}
+
+    def truncate(self, ranks: Mapping[str, int]) -> None:
+        """Not supported: build the narrower model with ``widths`` (``build_width_model``)."""
+        raise ValueError("width models are not truncated in place; build them at the wanted "
+                         "widths with build_width_model(..., widths=...)")
+
+    def slice_shapes(self, ranks: Mapping[str, int] | None = None) -> dict[str, Shape]:
+        """State-dict shapes of the sub-network at ``ranks`` (default: maximum ranks)."""
+        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        modules = dict(self.named_modules())
+        for name, (in_width, out_width, _) in self._trace(ranks).items():
+            for param, shape in modules[name].slice_shapes(out_width, in_width).items():
+                shapes[f"{name}.{param}"] = shape
+        return shapes
+
+    def cost(self, ranks: Mapping[str, int] | None = None, kind: str = "macs") -> int:
+        """MACs of every conv and linear, or parameters held, per sample at ``ranks``."""
+        if kind == "params":
+            params = dict(self.named_parameters())
+            return sum(math.prod(s) for n, s in self.slice_shapes(ranks).items() if n in params)
+        if kind != "macs":
+            raise ValueError(f"cost kind {kind!r} is not allowed: use one of {COST_KINDS}")
+        modules = dict(self.named_modules())
+        return sum(modules[n].macs(out_width, positions, in_width)
+                   for n, (in_width, out_width, positions) in self._trace(ranks).items()
+                   if isinstance(modules[n], WidthLayer))
+
+    def dense_cost(self, kind: str = "macs") -> int:
+        """Cost at full width: width models are dense, so this is ``cost()`` at maximum ranks."""
+        return self.cost(None, kind)
+
+    def _trace(self, ranks: Mapping[str, int] | None) -> dict[str, tuple[int, int, int]]:
+        """(input width, output width, output positions) of every sliced module, cached per ranks."""
+        ranks = {**self.max_ranks(), **(ranks or {})}
+        key = tuple(sorted(ranks.items()))
+        cache = self.__dict__.setdefault("_trace_cache", {})
+        if key not in cache:
+            if len(cache) >= 4096:  # bounded: OD samplers visit many rank tuples over a run
+                cache.clear()
+            cache[key] = _trace_widths(self, ranks)
+        return cache[key]
+
+
+@torch.no_grad()
+def _trace_widths(model: WidthModel, ranks: Mapping[str, int]) -> dict[str, tuple[int, int, int]]:
+    """Run one meta sample at ``ranks`` and record what each sliced module actually saw."""
+    seen: dict[str, tuple[int, int, int]] = {}
+
+    def hook(name: str):
+        def record(_module, inputs, output):
+            axis = 1 if output.dim() == 4 else -1
+            positions = math.prod(output.shape[2:]) if output.dim() == 4 else 1
+            seen[name] = (inputs[0].shape[axis], output.shape[axis], positions)
+        return record
+
+    # Meta copies of the values: shapes flow through the real forward, no arithmetic is done.
+    values = {k: v.to("meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, _SLICED)]
+    try:
+        with at_ranks(model, ranks):
+            functional_call(model, values, (torch.zeros(1, *model.input_shape, device="meta"),))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _resolve_widths(full: Mapping[str, int], widths: Mapping[str, int] | None) -> dict[str, int]:
+    """Each layer's held width: ``widths[name]`` if given (1..full), else the full width."""
+    widths = dict(widths or {})
+    unknown = sorted(set(widths) - set(full))
+    if unknown:
+        raise ValueError(f"widths name unknown layers {unknown}; layers are {sorted(full)}")
+    return {n: _check_rank(widths.get(n, f), f, f"width of {n!r}") for n, f in full.items()}
+
+
+class WidthMLP(WidthModel):
+    """Flatten -> width-sliced hidden layers with ReLU -> classifier (full output, sliced input)."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                 hidden: tuple[int, ...] = (256, 128), widths: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        held = _resolve_widths({f"hidden.{i}": h for i, h in enumerate(hidden)}, widths)
+        sizes = [math.prod(input_shape), *held.values()]
+        self.hidden = nn.ModuleList(WidthLinear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.classifier = WidthLinear(sizes[-1], num_classes, sliceable_out=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.classifier(x)
+
+
+class WidthCNN(WidthModel):
+    """``models.CNN`` with every conv and linear width-sliced (the classifier on its input only).
+
+    The flatten before ``fc`` is channel-major, so the first ``c`` channels are the first
+    ``c * H * W`` features: a leading corner of ``fc.weight``'s input axis.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                 channels: tuple[int, int] = (32, 64), hidden: int = 128,
+                 widths: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        c, h, w = input_shape
+        held = _resolve_widths({"conv1": channels[0], "conv2": channels[1], "fc": hidden}, widths)
+        self.conv1 = WidthConv2d(c, held["conv1"], 3, padding=1)
+        self.conv2 = WidthConv2d(held["conv1"], held["conv2"], 3, padding=1)
+        self.fc = WidthLinear(held["conv2"] * (h // 4) * (w // 4), held["fc"])
+        self.classifier = WidthLinear(held["fc"], num_classes, sliceable_out=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.classifier(torch.relu(self.fc(x.flatten(1))))
+
+
+def _group_size(channels: int) -> int:
+    """Channels per group of ``models._norm`` at the global width (2 for 64, ..., 16 for 512)."""
+    return channels // min(32, channels // 2)
+
+
+def _add_residual(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out + x`` on ``out``'s channels: ``x`` cut or zero-padded when the two widths differ."""
+    c = out.shape[1]
+    if x.shape[1] >= c:
+        return out + x[:, :c]
+    return out + F.pad(x, (0, 0, 0, 0, 0, c - x.shape[1]))  # pads the channel axis only
+
+
+class WidthBlock(nn.Module):
+    """ResNet basic block of width-sliced convs; the block's output width is ``conv2``'s."""
+
+    def __init__(self, in_width: int, out_channels: int, stride: int, held: Mapping[str, int],
+                 prefix: str) -> None:
+        super().__init__()
+        g = _group_size(out_channels)
+        w1, w2 = held[f"{prefix}.conv1"], held[f"{prefix}.conv2"]
+        self.conv1 = WidthConv2d(in_width, w1, 3, stride, 1, bias=False)
+        self.norm1 = WidthGroupNorm(w1, g)
+        self.conv2 = WidthConv2d(w1, w2, 3, 1, 1, bias=False)
+        self.norm2 = WidthGroupNorm(w2, g)
+        self.shortcut = nn.Identity()
+        if f"{prefix}.shortcut.0" in held:
+            ws = held[f"{prefix}.shortcut.0"]
+            self.shortcut = nn.Sequential(WidthConv2d(in_width, ws, 1, stride, bias=False),
+                                          WidthGroupNorm(ws, g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        # Widths of the two paths differ only under per-layer samplers; uniform widths match.
+        return torch.relu(_add_residual(self.norm2(self.conv2(out)), self.shortcut(x)))
+
+
+_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
+
+
+def _resnet_full_widths() -> dict[str, int]:
+    """Full output width of every sliceable conv of ResNet-18, by module name."""
+    full, in_channels = {"conv1": 64}, 64
+    for stage, (width, stride) in enumerate(_STAGES, start=1):
+        for block in range(2):
+            prefix = f"layer{stage}.{block}"
+            full[f"{prefix}.conv1"] = full[f"{prefix}.conv2"] = width
+            if block == 0 and (stride != 1 or in_channels != width):
+                full[f"{prefix}.shortcut.0"] = width
+            in_channels = width
+    return full
+
+
+class WidthResNet18(WidthModel):
+    """``models.ResNet18`` with every conv width-sliced (stem included) and sliceable GroupNorms."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10,
+                 widths: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        held = _resolve_widths(_resnet_full_widths(), widths)
+        self.conv1 = WidthConv2d(input_shape[0], held["conv1"], 3, 1, 1, bias=False)
+        self.norm1 = WidthGroupNorm(held["conv1"], _group_size(64))
+        stages, in_width = [], held["conv1"]
+        for stage, (width, stride) in enumerate(_STAGES, start=1):
+            blocks = []
+            for block in range(2):
+                prefix = f"layer{stage}.{block}"
+                blocks.append(WidthBlock(in_width, width, stride if block == 0 else 1, held, prefix))
+                in_width = held[f"{prefix}.conv2"]
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.classifier = WidthLinear(in_width, num_classes, sliceable_out=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+WIDTH_MODELS = {"mlp": WidthMLP, "cnn": WidthCNN, "resnet18": WidthResNet18}
+
+
+def build_width_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                      widths: Mapping[str, int] | None = None,
+                      device: torch.device | str | None = None) -> WidthModel:
+    """Build a registered width model holding ``widths`` (default: full); ``"meta"`` skips init."""
+    if name not in WIDTH_MODELS:
+        raise ValueError(f"model {name!r} is not allowed: use one of {sorted(WIDTH_MODELS)}")
+    with torch.device(device or "cpu"):
+        return WIDTH_MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes,
+                                  widths=widths)
+
+
+def width_shapes(name: str, input_shape: tuple[int, ...], num_classes: int,
+                 ranks: Mapping[str, int]) -> dict[str, Shape]:
+    """State-dict shapes of the global model's slice at ``ranks``: what ``corner_arrays`` cuts."""
+    return build_width_model(name, input_shape, num_classes, device="meta").slice_shapes(ranks)
+
+
+def width_model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,
+                            arrays: Mapping[str, np.ndarray], device: str = "cpu") -> WidthModel:
+    """Build the width model holding exactly the widths of ``arrays`` (a state dict) and load them."""
+    layers = build_width_model(name, input_shape, num_classes, device="meta").low_rank_layers()
+    widths = {n: int(np.shape(arrays[f"{n}.weight"])[0]) for n in layers}
+    model = build_width_model(name, input_shape, num_classes, widths, device="meta")
+    model.to_empty(device=device)
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
+    model.reset_ranks()
+    return model
