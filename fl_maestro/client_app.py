@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -59,7 +60,10 @@ def train_prefix(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = node_identity(context)
     server_round = int(msg.content["config"]["server-round"])
     arrays = to_numpy(msg.content["arrays"])
-    model = model_from_arrays(cfg.model, DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset], arrays)
+    # Ray hides GPUs from actors given client-resources-num-gpus = 0, so this is the CPU there.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model_from_arrays(cfg.model, DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset],
+                              arrays, device=device)
     loader = local_loader(cfg, partition_id, num_partitions, server_round)
     result = train(model, loader, model.max_ranks(), cfg.sampler, cfg.local_epochs, cfg.lr,
                    cfg.momentum, cfg.weight_decay, cfg.distill, cfg.hgl_lambda,

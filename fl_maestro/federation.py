@@ -145,8 +145,9 @@ class Federation:
         log.info("resuming %s after round %d", self.store.root, last)
 
     def global_model(self) -> RankedModel:
-        """The current global model at its maximum ranks."""
-        return model_from_arrays(self.cfg.model, self.shape, self.classes, self.arrays)
+        """The current global model at its maximum ranks (on the GPU when there is one)."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return model_from_arrays(self.cfg.model, self.shape, self.classes, self.arrays, device)
 
     def plan(self, model: RankedModel, budget: float) -> dict[str, int]:
         """The ranks a device of ``budget`` trains and runs under this run's strategy.
