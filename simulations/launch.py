@@ -11,6 +11,7 @@ run ends, fails or is interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,10 +21,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fl_maestro.config import parse_run_config
+from fl_maestro.federation import tier_table
+from fl_maestro.results import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +108,40 @@ class PrivateSuperLink:
         _wait_for_port(port, self.process)
 
     def run(self, run_config: Mapping[str, Any], federation_config: Mapping[str, Any],
-            timeout: float | None = None) -> int:
-        """``flwr run . --stream`` with the given overrides; returns its exit code."""
+            timeout: float | None = None, log_path: str | Path | None = None) -> int:
+        """``flwr run . --stream`` with the given overrides; returns its exit code.
+
+        The streamed log goes to stdout and, with ``log_path``, to that file too. Flower 1.41's
+        ``flwr run --stream`` exits 0 even when the ServerApp raises, so callers should judge a
+        run by its results (see ``run_finished``), not by this code alone.
+        """
         command = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream",
                    *toml_overrides(run_config)]
         for key, value in federation_config.items():
             command += ["--federation-config", f"{key}={json.dumps(value)}"]
         log.info("running: %s", " ".join(command))
+        process = subprocess.Popen(command, cwd=self.app_dir, env=self.env, text=True,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        expired = threading.Event()
+        timer = threading.Timer(timeout, lambda: (expired.set(), process.kill())) \
+            if timeout else None
+        if timer:
+            timer.start()
         try:
-            return subprocess.run(command, cwd=self.app_dir, env=self.env, timeout=timeout,
-                                  stdin=subprocess.DEVNULL).returncode
-        except subprocess.TimeoutExpired:
+            with open(log_path, "a") if log_path else contextlib.nullcontext() as sink:
+                for line in process.stdout:
+                    sys.stdout.write(line)
+                    if sink:
+                        sink.write(line)
+            code = process.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        if expired.is_set():
             log.error("flwr run exceeded %.0f s", timeout)
             return 124
+        return code
 
     def stop(self, grace: float = 10) -> None:
         """Stop the SuperLink and everything started under its FLWR_HOME (simulation, Ray).
@@ -211,8 +238,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return values
 
 
+def run_finished(run_config: Mapping[str, Any]) -> bool:
+    """Whether the run these overrides describe checkpointed its last round."""
+    cfg = parse_run_config(run_config)
+    store = RunStore(Path(cfg.results_dir) / cfg.name)
+    return store.checkpoint_round() == cfg.num_rounds
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: one simulation on a private SuperLink."""
+    """Command line: one simulation on a private SuperLink, then its per-tier table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--supernodes", type=int, default=100)
     parser.add_argument("--cpus-per-client", type=int, default=1)
@@ -221,9 +255,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = parse_overrides(args.run_config)
+    try:
+        parse_run_config(overrides)  # fail before starting anything
+    except ValueError as err:
+        parser.error(str(err))
     with PrivateSuperLink() as link:
-        return link.run(parse_overrides(args.run_config),
-                        federation_config(args.supernodes, args.cpus_per_client), args.timeout)
+        code = link.run(overrides, federation_config(args.supernodes, args.cpus_per_client),
+                        args.timeout)
+    if code != 0 or not run_finished(overrides):
+        log.error("the run did not finish (flwr run exit code %d): see the ServerApp log above",
+                  code)
+        return code or 1
+    print(final_table(overrides))
+    return 0
+
+
+def final_table(run_config: Mapping[str, Any]) -> str:
+    """The finished run's per-tier accuracy and cost as text."""
+    cfg = parse_run_config(run_config)
+    store = RunStore(Path(cfg.results_dir) / cfg.name)
+    table = tier_table(store.read("evaluation"), cfg.num_rounds)
+    return (f"\nGlobal model after {cfg.num_rounds} rounds ({store.root}), per budget tier:\n"
+            f"{table.to_string(float_format=lambda v: f'{v:.4g}')}")
 
 
 if __name__ == "__main__":
