@@ -6,8 +6,8 @@ tables show) and the values it sets; a plain axis sets the key it is named after
 (e.g. ``non-iid``) sets several keys at once. ``supernodes`` is not a run-config key: it goes to the
 federation config (``--federation-config num-supernodes=N``). Seeds are crossed by the sweep runner.
 
-Values are checked against ``fl_maestro.config.KEYS`` when a sweep starts (``simulations.sweep``), so
-a strategy that is not registered yet fails there, before any run starts.
+Values are checked against ``fl_maestro.config.KEYS`` when a sweep starts (``simulations.sweep``),
+so a strategy that is not registered yet fails there, before any run starts.
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                  "dirichlet-0.1": {"partitioner": "dirichlet", "alpha": 0.1}}),)),
     Scenario("strategies", "rank-wise Maestro against the FedAvg, FjORD and HeteroFL baselines",
              axes=(axis("strategy", STRATEGY_NAMES),)),
+    Scenario("smoke", "a two-cell end-to-end check: digits, 4 clients, 2 rounds (about 2 min)",
+             overrides={"dataset": "digits", "num-rounds": 2, "clients-per-round": 3,
+                        "eval-samples": 0}, supernodes=4,
+             axes=(axis("device-mix", ("0.2:0.5,1.0:0.5", "1.0:1.0")),)),
     Scenario("scaling-clients", "the same 10 clients per round drawn from a growing population",
              overrides={"clients-per-round": 10}, axes=(axis(SUPERNODES, (100, 300, 1000)),)),
 )}

@@ -1,0 +1,408 @@
+"""Run a scenario's cartesian product of axes x seeds, one ``flwr run`` per cell, resumably.
+
+    python -m simulations.sweep budget-mixes --seeds 0,1,2 --set num-rounds=30
+    python -m simulations.sweep strategies --set strategy=rankwise --dry-run
+
+Every cell is a run folder ``<out>/<cell-id>/`` (results-dir = the sweep folder, run-name = the cell
+id). Re-running the same command skips cells whose checkpoint reached num-rounds, resumes cells with
+an earlier checkpoint (``resume=true``) and starts the others afresh; a failing cell is recorded in
+``<out>/cells.csv`` and the sweep goes on. After every cell the finished cells' tables are gathered
+into ``<out>/{evaluation,clients,rounds}.csv`` with the cell's axes and seed as extra columns.
+
+``--set key=value`` adds a run-config override to every cell; on a key that is an axis it pins the
+axis to that value (the cell ids stay those of the full sweep). ``--set supernodes=N`` sizes the
+federation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fl_maestro.config import RunConfig, parse_run_config
+from fl_maestro.results import TABLES, RunStore
+from simulations.scenarios import SUPERNODES, Axis, Level, Scenario, get_scenario, label
+
+log = logging.getLogger(__name__)
+
+RESERVED = ("results-dir", "run-name", "resume", "seed")  # set by the sweep itself
+# Keys whose change leaves a cell's finished rounds valid (num-rounds is judged by the checkpoint;
+# results-dir changes when a sweep folder is moved).
+KEEPS_RESULTS = ("resume", "num-rounds", "eval-every", "results-dir")
+CELL_FILE = "cell.json"  # axes and federation size of a cell, read by the report
+STALE_FILES = (*(f"{t}.csv" for t in TABLES), "config.json")
+_SAFE = re.compile(r"[A-Za-z0-9._-]")
+_MAPPED = {":": "@", ",": "+"}  # device mixes stay readable: 0.2:0.5,1.0:0.5 -> 0.2@0.5+1.0@0.5
+MAX_ID = 150
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: its id, axis labels, seed, federation size and run-config overrides."""
+
+    cell_id: str
+    axes: Mapping[str, str]
+    seed: int
+    supernodes: int
+    run_config: Mapping[str, Any]
+    num_rounds: int
+
+
+RunCell = Callable[[Cell, bool], int]  # (cell, resume) -> exit code; 0 means the run finished
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def slug(text: str) -> str:
+    """Filesystem-safe, readable and injective text: lossy mappings get a hash suffix after '~'."""
+    chars = [c if _SAFE.fullmatch(c) else _MAPPED.get(c, "-") for c in text]
+    lossy = not text or any(not _SAFE.fullmatch(c) and c not in _MAPPED for c in text)
+    out = "".join(chars)
+    return f"{out}~{_digest(text)}" if lossy else out
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def cell_id(axes: Mapping[str, str], seed: int) -> str:
+    """Stable id from the axis labels (in axis order) and seed: ``strategy=fjord__seed=0``."""
+    text = "__".join([*(f"{slug(name)}={slug(value)}" for name, value in axes.items()),
+                      f"seed={seed}"])
+    return text if len(text) <= MAX_ID else f"{text[:MAX_ID - 9]}~{_digest(text)}"
+
+
+def apply_sets(scenario: Scenario, sets: Mapping[str, Any]) -> Scenario:
+    """The scenario with ``--set`` values: an axis key pins its axis, other keys are overrides."""
+    overrides, axes = dict(scenario.overrides), list(scenario.axes)
+    for key, value in sets.items():
+        if key in RESERVED:
+            raise ValueError(f"--set {key}={value!r}: {key!r} is set by the sweep itself "
+                             f"(reserved: {RESERVED}; use --seeds for seeds)")
+        index = next((i for i, a in enumerate(axes) if a.name == key), None)
+        if index is not None:
+            axes[index] = pin_axis(axes[index], value)
+            continue
+        owner = next((a for a in axes if key in a.keys()), None)
+        if owner is not None:
+            raise ValueError(f"--set {key}={value!r}: {key!r} is set by axis {owner.name!r} of "
+                             f"scenario {scenario.name!r}; pin that axis instead with --set "
+                             f"{owner.name}=<one of {[lv.label for lv in owner.levels]}>")
+        overrides[key] = value
+    return replace(scenario, overrides=overrides, axes=tuple(axes))
+
+
+def pin_axis(ax: Axis, value: Any) -> Axis:
+    """The axis cut to the level labelled (or valued) ``value``; a plain axis takes any value."""
+    for level in ax.levels:
+        if level.label == label(value) or level.values.get(ax.name, object()) == value:
+            return Axis(ax.name, (level,))
+    if ax.keys() == {ax.name}:
+        return Axis(ax.name, (Level(label(value), {ax.name: value}),))
+    raise ValueError(f"--set {ax.name}={value!r}: axis {ax.name!r} has no such level: "
+                     f"allowed {[lv.label for lv in ax.levels]}")
+
+
+def build_cells(scenario: Scenario, seeds: Sequence[int], out_dir: Path) -> list[Cell]:
+    """Every (levels..., seed) combination as a validated cell; ValueError before anything runs."""
+    for ax in scenario.axes:
+        if "seed" in ax.keys() or "seed" in scenario.overrides:
+            raise ValueError(f"scenario {scenario.name!r} sets 'seed': seeds come from --seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {list(seeds)} must be a non-empty list without repeats")
+    cells = []
+    for levels in itertools.product(*(ax.levels for ax in scenario.axes)):
+        axes = {ax.name: level.label for ax, level in zip(scenario.axes, levels)}
+        values = dict(scenario.overrides)
+        for level in levels:
+            values.update(level.values)
+        for seed in seeds:
+            cells.append(_make_cell(scenario, axes, values, seed, out_dir))
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"scenario {scenario.name!r} gives duplicate cell ids: make labels unique")
+    return cells
+
+
+def _make_cell(scenario: Scenario, axes: Mapping[str, str], values: Mapping[str, Any], seed: int,
+               out_dir: Path) -> Cell:
+    values = dict(values)
+    supernodes = values.pop(SUPERNODES, scenario.supernodes)
+    cid = cell_id(axes, seed)
+    run_config = {**values, "seed": seed, "results-dir": str(out_dir.resolve()), "run-name": cid}
+    try:
+        cfg = parse_run_config(run_config)
+    except ValueError as exc:
+        raise ValueError(f"scenario {scenario.name!r}, cell {cid}: {exc}") from None
+    _check_supernodes(supernodes, cfg, cid)
+    return Cell(cid, dict(axes), seed, supernodes, run_config, cfg.num_rounds)
+
+
+def _check_supernodes(supernodes: Any, cfg: RunConfig, cid: str) -> None:
+    if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
+        raise ValueError(f"cell {cid}: {SUPERNODES!r} has bad value {supernodes!r}: "
+                         "allowed an integer >= 1")
+    if cfg.clients_per_round > supernodes:
+        raise ValueError(f"cell {cid}: 'clients-per-round' is {cfg.clients_per_round} but only "
+                         f"{supernodes} supernodes exist: allowed at most {supernodes}")
+
+
+# --------------------------------------------------------------------------- running
+
+
+def cell_state(run_dir: Path, num_rounds: int) -> tuple[str, int | None]:
+    """("done" | "partial" | "new", checkpoint round) of a cell's run folder."""
+    rnd = RunStore(run_dir).checkpoint_round() if (run_dir / "checkpoint.json").exists() else None
+    if rnd is None:
+        return "new", None
+    return ("done" if rnd >= num_rounds else "partial"), rnd
+
+
+def check_existing(cells: Sequence[Cell], out_dir: Path) -> None:
+    """ValueError if a cell's folder holds a run made with other settings (it would be reused)."""
+    conflicts = []
+    for cell in cells:
+        path = out_dir / cell.cell_id / "config.json"
+        if not (out_dir / cell.cell_id / "checkpoint.json").exists() or not path.exists():
+            continue
+        saved, wanted = json.loads(path.read_text()), parse_run_config(cell.run_config).to_dict()
+        changed = {k: (saved[k], v) for k, v in wanted.items()
+                   if k in saved and k not in KEEPS_RESULTS and saved[k] != v}
+        if changed:
+            conflicts.append(f"{cell.cell_id}: {changed}")
+    if conflicts:
+        raise ValueError(f"{out_dir} holds runs made with other settings (saved, now): "
+                         f"{'; '.join(conflicts[:3])}{' ...' if len(conflicts) > 3 else ''}; "
+                         "choose another --out or remove those cell folders")
+
+
+def run_sweep(cells: Sequence[Cell], run_cell: RunCell, out_dir: Path) -> pd.DataFrame:
+    """Run every unfinished cell through ``run_cell``; returns (and writes) the cells table."""
+    check_existing(cells, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_cells(out_dir)
+    records = {c.cell_id: _record(c, out_dir, previous.get(c.cell_id, {})) for c in cells}
+    todo = [c for c in cells if records[c.cell_id]["status"] != "done"]
+    log.info("%d cells: %d already done, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    _write_cells(out_dir, records)
+    started = time.monotonic()
+    for i, cell in enumerate(todo, 1):
+        log.info("cell %d/%d: %s", i, len(todo), cell.cell_id)
+        records[cell.cell_id] = _run_one(cell, run_cell, out_dir)
+        _write_cells(out_dir, records)
+        gather(cells, out_dir)
+        _log_progress(records, i, len(todo), started)
+    if not todo:
+        gather(cells, out_dir)
+    return pd.DataFrame(records.values())
+
+
+def _record(cell: Cell, out_dir: Path, previous: Mapping[str, Any]) -> dict[str, Any]:
+    state, rnd = cell_state(out_dir / cell.cell_id, cell.num_rounds)
+    status = {"done": "done", "partial": "partial"}.get(state, "pending")
+    kept = previous.get("status") == status and status != "pending"
+    return {"cell-id": cell.cell_id, **cell.axes, "seed": cell.seed, "supernodes": cell.supernodes,
+            "status": status, "rounds": rnd, "num-rounds": cell.num_rounds,
+            "seconds": previous.get("seconds") if kept else None,
+            "error": previous.get("error") if kept and status != "done" else None}
+
+
+def _run_one(cell: Cell, run_cell: RunCell, out_dir: Path) -> dict[str, Any]:
+    run_dir = out_dir / cell.cell_id
+    state, _ = cell_state(run_dir, cell.num_rounds)
+    if state == "new":  # tables left by a run that died before its first checkpoint
+        for name in STALE_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CELL_FILE).write_text(json.dumps(
+        {"cell-id": cell.cell_id, "axes": dict(cell.axes), "seed": cell.seed,
+         SUPERNODES: cell.supernodes}, indent=1))
+    start, error = time.monotonic(), None
+    try:
+        code = run_cell(cell, state == "partial")
+    except Exception as exc:  # a broken cell must not stop the sweep
+        log.exception("cell %s raised", cell.cell_id)
+        code, error = None, f"{type(exc).__name__}: {exc}"
+    record = _record(cell, out_dir, {})
+    record["seconds"] = round(time.monotonic() - start, 1)
+    if record["status"] != "done":
+        record["status"] = "failed"
+        # `flwr run --stream` exits 0 even when the ServerApp raises: the checkpoint tells
+        record["error"] = error or (f"exit code {code}" if code else
+                                    f"exit code 0 but checkpoint round is {record['rounds']} "
+                                    f"of {cell.num_rounds}: the ServerApp failed, see its log")
+        log.error("cell %s failed: %s", cell.cell_id, record["error"])
+    return record
+
+
+def _log_progress(records: Mapping[str, Mapping], i: int, n: int, started: float) -> None:
+    statuses = [r["status"] for r in records.values()]
+    per_cell = (time.monotonic() - started) / i
+    log.info("%d/%d cells done, %d failed, %d left to try | %.0f s/cell | ETA %.1f min",
+             statuses.count("done"), len(statuses), statuses.count("failed"), n - i, per_cell,
+             per_cell * (n - i) / 60)
+
+
+def _read_cells(out_dir: Path) -> dict[str, dict[str, Any]]:
+    path = out_dir / "cells.csv"
+    if not path.exists():
+        return {}
+    frame = pd.read_csv(path, dtype={"cell-id": str})
+    return {row["cell-id"]: {k: (None if pd.isna(v) else v) for k, v in row.items()}
+            for row in frame.to_dict("records")}
+
+
+def _write_cells(out_dir: Path, records: Mapping[str, Mapping]) -> None:
+    frame = pd.DataFrame(list(records.values()))
+    frame["rounds"] = frame["rounds"].astype("Int64")
+    _write_csv(frame, out_dir / "cells.csv")
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def gather(cells: Sequence[Cell], out_dir: Path) -> dict[str, pd.DataFrame]:
+    """Concatenate finished cells' tables, with axis and seed columns, into <out>/<table>.csv."""
+    frames: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
+    for cell in cells:
+        if cell_state(out_dir / cell.cell_id, cell.num_rounds)[0] != "done":
+            continue  # (checked first: RunStore creates the folder)
+        store = RunStore(out_dir / cell.cell_id)
+        extra = {"cell-id": cell.cell_id, **cell.axes, "seed": cell.seed}
+        for table in TABLES:
+            frame = store.read(table)
+            if not frame.empty:
+                frames[table].append(frame.assign(**extra)[[*extra, *frame.columns]])
+    gathered = {t: pd.concat(f, ignore_index=True) for t, f in frames.items() if f}
+    for table, frame in gathered.items():
+        _write_csv(frame, out_dir / f"{table}.csv")
+    return gathered
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+class FlowerCells:
+    """``run_cell`` over Flower: one private SuperLink for the sweep, restarted after a failure.
+
+    Starting a SuperLink costs seconds and every cell is its own ``flwr run`` with its own
+    federation config, so consecutive cells share one. A failed or timed-out cell may leave its run
+    alive inside the SuperLink, so the next cell gets a fresh one.
+    """
+
+    def __init__(self, cpus_per_client: float = 1, timeout: float | None = None) -> None:
+        self.cpus_per_client, self.timeout = cpus_per_client, timeout
+        self.link = None
+
+    def __enter__(self) -> FlowerCells:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, cell: Cell, resume: bool) -> int:
+        """Run one cell as ``flwr run``; its exit code."""
+        from simulations.launch import PrivateSuperLink, federation_config
+
+        if self.link is None:
+            link = PrivateSuperLink()
+            try:
+                link.start()
+            except BaseException:
+                link.stop()
+                raise
+            self.link = link
+        code = self.link.run({**cell.run_config, "resume": resume},
+                             federation_config(cell.supernodes, self.cpus_per_client), self.timeout)
+        if code != 0:
+            self.close()
+        return code
+
+    def close(self) -> None:
+        """Stop the SuperLink, if one runs."""
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` to ``[0, 1, 2]``; ValueError naming the bad entry."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is malformed: allowed comma-separated integers >= 0") \
+            from None
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds {text!r} has a negative seed: allowed integers >= 0")
+    return seeds
+
+
+def write_sweep_info(out: Path, scenario: Scenario, seeds: Sequence[int]) -> None:
+    """Record what the sweep crosses in ``<out>/sweep.json`` (provenance for later readers)."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"scenario": scenario.name, "description": scenario.description,
+            "overrides": dict(scenario.overrides), "supernodes": scenario.supernodes,
+            "axes": {ax.name: {lv.label: dict(lv.values) for lv in ax.levels}
+                     for ax in scenario.axes},
+            "seeds": list(seeds)}
+    (out / "sweep.json").write_text(json.dumps(info, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run (or list, with --dry-run) a scenario's sweep."""
+    from simulations.launch import parse_overrides
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", help="a name from simulations.scenarios.SCENARIOS")
+    parser.add_argument("--out", type=Path, help="sweep folder (default results/sweeps/<scenario>)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the scenario's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override for every cell, or pin an axis (repeatable)")
+    parser.add_argument("--cpus-per-client", type=float, default=1)
+    parser.add_argument("--timeout", type=float, help="seconds one cell may run")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their state")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        scenario = apply_sets(get_scenario(args.scenario), parse_overrides(args.set))
+        seeds = parse_seeds(args.seeds) if args.seeds else list(scenario.seeds)
+        out = args.out or Path("results/sweeps") / scenario.name
+        cells = build_cells(scenario, seeds, out)
+        check_existing(cells, out)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.dry_run:
+        write_sweep_info(out, scenario, seeds)
+    if args.dry_run:
+        rows = [{"cell-id": c.cell_id, "state": cell_state(out / c.cell_id, c.num_rounds)[0],
+                 "supernodes": c.supernodes} for c in cells]
+        print(pd.DataFrame(rows).to_string(index=False))
+        return 0
+    with FlowerCells(args.cpus_per_client, args.timeout) as runner:
+        table = run_sweep(cells, runner, out)
+    print(table.drop(columns=["error"]).to_string(index=False))
+    return 0 if (table["status"] == "done").all() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

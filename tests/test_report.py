@@ -1,0 +1,148 @@
+"""Report: builds every plot and report.html from a small synthetic sweep folder (no Flower)."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+
+from fl_maestro.results import RunStore
+from simulations.report import build_report, find_runs, group_runs, load_run, main
+
+METRICS = ("accuracy", "loss", "macs", "params", "relative-macs", "dense-relative-macs",
+           "eval-examples")
+FINAL_TIER_ACCURACY = {("mix-a", 0): {0.5: 0.75, 1.0: 0.8125},
+                       ("mix-a", 1): {0.5: 0.7, 1.0: 0.8375},  # mean over seeds: 0.725, 0.825
+                       ("mix-b", 0): {1.0: 0.9125}}
+MIXES = {"mix-a": "0.5:0.5,1.0:0.5", "mix-b": "1.0:1.0"}
+
+
+def _evaluation(tiers: dict[float, float], rounds: int = 2) -> list[dict]:
+    rows = []
+    for rnd in range(rounds + 1):
+        scale = (rnd + 1) / (rounds + 1)  # accuracy grows to the final values
+        levels = [("fraction", f, tiers[max(tiers)] * f) for f in (0.25, 0.5, 1.0)]
+        levels += [("tier", b, a) for b, a in tiers.items()]
+        for kind, level, accuracy in levels:
+            values = {"accuracy": accuracy * scale, "loss": 2.0 - accuracy, "macs": 1e6 * level,
+                      "params": 1e4 * level, "relative-macs": level,
+                      "dense-relative-macs": 1.2 * level, "eval-examples": 100}
+            rows += [{"round": rnd, "kind": kind, "level": level, "metric": m, "value": values[m]}
+                     for m in METRICS]
+    return rows
+
+
+def _write_run(root: Path, mix: str, seed: int, tiers: dict[float, float]) -> Path:
+    name = f"device-mix={mix}__seed={seed}"
+    store = RunStore(root / name)
+    store.write_config({"run-name": name, "results-dir": str(root), "seed": seed,
+                        "device-mix": MIXES[mix], "dataset": "digits", "num-rounds": 2})
+    store.append("evaluation", _evaluation(tiers))
+    budgets = sorted(tiers)
+    store.append("clients", [{"round": r, "partition-id": i, "budget": budgets[i % len(budgets)],
+                              "num-examples": 50, "train-loss": 1.0, "train-accuracy": 0.5,
+                              "train-seconds": 0.1, "train-macs": 1e9 * budgets[i % len(budgets)],
+                              "steps": 2, "bytes-down": 1e5 * budgets[i % len(budgets)],
+                              "bytes-up": 1e5 * budgets[i % len(budgets)]}
+                             for r in (1, 2) for i in range(3)])
+    store.append("rounds", [{"round": r, "clients": 3, "dropped": 0} for r in (1, 2)])
+    rng = np.random.default_rng(seed)
+    store.save_checkpoint(2, {"fc.U": rng.normal(size=(6, 4)).astype(np.float32),
+                              "fc.V": rng.normal(size=(4, 5)).astype(np.float32),
+                              "fc.bias": np.zeros(6, np.float32)}, {})
+    (store.root / "cell.json").write_text(json.dumps({"supernodes": 4}))
+    return store.root
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    for (mix, seed), tiers in FINAL_TIER_ACCURACY.items():
+        _write_run(root, mix, seed, tiers)
+    pd.DataFrame({"cell-id": ["x"]}).to_csv(root / "cells.csv", index=False)  # ignored
+    return root
+
+
+def test_runs_are_grouped_by_the_keys_that_vary(sweep: Path) -> None:
+    runs = [load_run(p) for p in find_runs([sweep])]
+    assert len(runs) == 3
+    assert group_runs(runs) == "device-mix"  # seed, run-name and results-dir never group
+    assert [r.group for r in runs] == ["0.5:0.5,1.0:0.5", "0.5:0.5,1.0:0.5", "1.0:1.0"]
+    with pytest.raises(ValueError, match="neither a run folder"):
+        find_runs([sweep.parent / "nothing"])
+    unfinished = _write_run(sweep, "mix-b", 5, {1.0: 0.5})
+    RunStore(unfinished).save_checkpoint(1, {"w": np.zeros(1)}, {})  # round 1 of 2
+    assert unfinished not in find_runs([sweep]) and find_runs([unfinished]) == [unfinished]
+
+
+def test_report_writes_plots_and_html_with_the_numbers(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    page = build_report([sweep], out).read_text()
+    for name in ("accuracy-vs-fraction", "tier-accuracy", "pareto", "accuracy-over-time",
+                 "communication", "importance"):
+        png, pdf = out / f"{name}.png", out / f"{name}.pdf"
+        assert png.stat().st_size > 20_000 and pdf.stat().st_size > 5_000, name
+        pixels = matplotlib.image.imread(png)
+        assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05, name  # not blank
+    assert page.count("data:image/png;base64,") == 6
+    tiers = _table(page, "Final accuracy per budget tier")
+    final = tiers.set_index(["group", "budget"])["accuracy"]
+    assert final[("0.5:0.5,1.0:0.5", 0.5)] == pytest.approx(0.725)
+    assert final[("0.5:0.5,1.0:0.5", 1.0)] == pytest.approx(0.825)
+    assert final[("1.0:1.0", 1.0)] == pytest.approx(0.9125)
+    spread = tiers.set_index(["group", "budget"]).loc[("0.5:0.5,1.0:0.5", 1.0)]
+    assert (spread["accuracy min"], spread["accuracy max"], spread["seeds"]) == (0.8125, 0.8375, 2)
+    runs = _table(page, "Runs")
+    assert runs["rounds"].tolist() == [2, 2, 2]
+
+
+class _Cells(HTMLParser):
+    """Rows of <th>/<td> text of an HTML table (pandas.read_html needs lxml, not installed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self.cell is not None:
+            self.rows[-1].append("".join(self.cell).strip())
+            self.cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def _table(page: str, caption: str) -> pd.DataFrame:
+    """The first table after the heading that starts with ``caption``, numbers parsed."""
+    start = page.index(f"<h2>{caption}")
+    parser = _Cells()
+    parser.feed(page[start:page.index("</table>", start)])
+    frame = pd.DataFrame(parser.rows[1:], columns=parser.rows[0])
+    numeric = [c for c in frame if c not in ("group", "run")]
+    return frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce") for c in numeric})
+
+
+def test_simulated_time_and_cli(sweep: Path, tmp_path: Path) -> None:
+    devices = tmp_path / "devices.toml"
+    # every client: 1e9*b MACs at 1e9 MAC/s + 2 x 1e5*b bytes at 1e5 B/s = 3b s; slowest b = 1.0
+    devices.write_text("[default]\nmacs-per-second = 1e9\ndownlink-bytes-per-second = 1e5\n"
+                       "uplink-bytes-per-second = 1e5\n")
+    assert main([str(sweep), "--out", str(tmp_path / "cli"), "--devices", str(devices)]) == 0
+    runs = _table((tmp_path / "cli" / "report.html").read_text(), "Runs")
+    assert runs["simulated seconds"].tolist() == pytest.approx([6, 6, 6])  # 2 rounds x 3 s
+    profiles = _table((tmp_path / "cli" / "report.html").read_text(), "Device profiles")
+    assert profiles["GMAC/s"].tolist() == [1, 1]
+    assert profiles["uplink Mbit/s"].tolist() == [0.8, 0.8]
