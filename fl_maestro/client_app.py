@@ -15,7 +15,8 @@ from flwr.clientapp import ClientApp
 
 from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
-from fl_maestro.models import model_arrays, model_from_arrays
+from fl_maestro.models import model_arrays
+from fl_maestro.plans import local_sampler, model_for
 from fl_maestro.training import train
 from strategies.records import to_numpy, to_record
 
@@ -62,10 +63,11 @@ def train_prefix(msg: Message, context: Context) -> Message:
     arrays = to_numpy(msg.content["arrays"])
     # Ray hides GPUs from actors given client-resources-num-gpus = 0, so this is the CPU there.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_from_arrays(cfg.model, DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset],
-                              arrays, device=device)
+    model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
+                      NUM_CLASSES[cfg.dataset], arrays, device=device)
     loader = local_loader(cfg, partition_id, num_partitions, server_round)
-    result = train(model, loader, model.max_ranks(), cfg.sampler, cfg.local_epochs, cfg.lr,
+    sampler = local_sampler(cfg.strategy, cfg.sampler)
+    result = train(model, loader, model.max_ranks(), sampler, cfg.local_epochs, cfg.lr,
                    cfg.momentum, cfg.weight_decay, cfg.distill, cfg.hgl_lambda,
                    rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]))
     metrics = MetricRecord({

@@ -17,9 +17,7 @@ from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS
 from fl_maestro.sampling import SAMPLERS
 
-from fl_maestro.plans import RANK_STRATEGIES
-
-STRATEGIES = RANK_STRATEGIES
+from fl_maestro.plans import STRATEGIES, WIDTH_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -171,7 +169,22 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
         if not key.check(value):
             raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed {key.allowed}")
         values[name.replace("-", "_")] = value
-    return RunConfig(**values)
+    cfg = RunConfig(**values)
+    _check_combination(cfg)
+    return cfg
+
+
+def _check_combination(cfg: RunConfig) -> None:
+    """Refuse settings that each pass alone but make no sense together."""
+    if cfg.strategy in WIDTH_STRATEGIES:
+        factor_only = {"rank-allocation": ("importance",), "hgl-lambda": None,
+                       "shrink-every": None, "init": None}
+        for key, bad in factor_only.items():
+            value = getattr(cfg, key.replace("-", "_"))
+            if (bad is not None and value in bad) or (bad is None and value != KEYS[key].default):
+                raise ValueError(f"run-config key {key!r} = {value!r} needs ordered factors, which "
+                                 f"strategy {cfg.strategy!r} (width-sliced) does not have: leave "
+                                 f"it at {KEYS[key].default!r}")
 
 
 def defaults() -> dict[str, Any]:

@@ -23,14 +23,13 @@ from safetensors.numpy import load_file
 from fl_maestro.budgets import assign_budgets, parse_mix
 from fl_maestro.config import RunConfig
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
-from fl_maestro.models import (RankedModel, build_model, load_dense_state, model_arrays,
-                               model_from_arrays)
-from fl_maestro.plans import plan_ranks, takes_part
+from fl_maestro.models import RankedModel, load_dense_state, model_arrays
+from fl_maestro.plans import build_for, is_width, model_for, plan_ranks, takes_part
 from fl_maestro.results import RunStore
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks
 from fl_maestro.training import evaluate
 from strategies.merge import factor_layer, prefix_arrays
-from strategies.rankwise import ClientSpec, RankWiseFedAvg
+from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
@@ -103,12 +102,13 @@ class Federation:
         self.grid, self.cfg = grid, cfg
         self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
         self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
-        self.strategy = RankWiseFedAvg(cfg.clients_per_round, seed=cfg.seed)
+        strategy_class = WidthFedAvg if is_width(cfg.strategy) else RankWiseFedAvg
+        self.strategy = strategy_class(cfg.clients_per_round, seed=cfg.seed)
         self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
         self.start_round = 1
-        original = build_model(cfg.model, self.shape, self.classes, "meta")
+        original = build_for(cfg.strategy, cfg.model, self.shape, self.classes, "meta")
         self.reference_cost = original.cost(kind=cfg.cost)  # budgets are fractions of this
         self.reference_macs = original.cost(kind="macs")
         if cfg.resume and self.store.has_checkpoint():
@@ -125,7 +125,7 @@ class Federation:
         """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.seed)
-            model = build_model(self.cfg.model, self.shape, self.classes)
+            model = build_for(self.cfg.strategy, self.cfg.model, self.shape, self.classes)
         if self.cfg.init.startswith("svd:"):
             load_dense_state(model, load_file(self.cfg.init[4:]))
             log.info("initialised every factor pair by SVD of %s", self.cfg.init[4:])
@@ -147,7 +147,8 @@ class Federation:
     def global_model(self) -> RankedModel:
         """The current global model at its maximum ranks (on the GPU when there is one)."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return model_from_arrays(self.cfg.model, self.shape, self.classes, self.arrays, device)
+        return model_for(self.cfg.strategy, self.cfg.model, self.shape, self.classes, self.arrays,
+                         device)
 
     def plan(self, model: RankedModel, budget: float) -> dict[str, int]:
         """The ranks a device of ``budget`` trains and runs under this run's strategy.
@@ -170,9 +171,10 @@ class Federation:
         """Give the strategy every taking-part node's ranks on the current global model."""
         model = self.global_model()
         ranks = {b: self.plan(model, b) for b in set(self.budgets.values())}
+        shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
         self.strategy.set_clients({
-            n: ClientSpec(self.partitions[n], b, ranks[b]) for n, b in self.budgets.items()
-            if takes_part(self.cfg.strategy, b)})
+            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b])
+            for n, b in self.budgets.items() if takes_part(self.cfg.strategy, b)})
 
     def evaluate(self, server_round: int, final: bool = False) -> list[dict]:
         """Evaluate the global model (on the whole test set for the final round)."""

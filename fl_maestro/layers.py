@@ -100,7 +100,15 @@ class LowRankLayer(nn.Module):
     def composed_weight(self, rank: int | None = None) -> torch.Tensor:
         """The dense weight ``U[:, :r] @ V[:r]`` in the dense layer's shape."""
         r = self.rank if rank is None else _check_rank(rank, self.max_rank)
-        return (self.U[:, :r] @ self.V[:r].reshape(r, -1)).reshape(self.dense_weight_shape)
+        return (self.u_prefix(r) @ self.V[:r].reshape(r, -1)).reshape(self.dense_weight_shape)
+
+    def u_prefix(self, rank: int) -> torch.Tensor:
+        """``U[:, :rank]``, sliced through U's rank-major memory so its gradient keeps U's layout.
+
+        Slicing the out x R view directly makes autograd build a row-major full-size gradient that
+        must then be transposed into ``U.grad``: a strided full-size copy on every step.
+        """
+        return self.U.t()[:rank].t()
 
     @property
     def dense_weight_shape(self) -> tuple[int, ...]:
@@ -155,7 +163,7 @@ class LowRankLinear(LowRankLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
-        return F.linear(F.linear(x, self.V[:r]), self.U[:, :r], self.bias)
+        return F.linear(F.linear(x, self.V[:r]), self.u_prefix(r), self.bias)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, max_rank: int | None = None) -> LowRankLinear:
@@ -202,7 +210,7 @@ class LowRankConv2d(LowRankLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
         inner = F.conv2d(x, self.V[:r], None, self.stride, self.padding)
-        return F.conv2d(inner, self.U[:, :r, None, None], self.bias)
+        return F.conv2d(inner, self.u_prefix(r)[:, :, None, None], self.bias)
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, max_rank: int | None = None) -> LowRankConv2d:

@@ -58,6 +58,15 @@ class RankedModel(nn.Module):
                 raise ValueError(f"unknown low-rank layer {name!r}; layers are {sorted(layers)}")
             layers[name].truncate(rank)
 
+    def slice_shapes(self, ranks: Mapping[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+        """State-dict shapes of the slice at ``ranks``: ``U`` cut on axis 1, ``V`` on 0, rest whole."""
+        ranks = {**self.max_ranks(), **(ranks or {})}
+        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        for name, r in ranks.items():
+            shapes[f"{name}.U"] = (shapes[f"{name}.U"][0], r)
+            shapes[f"{name}.V"] = (r, *shapes[f"{name}.V"][1:])
+        return shapes
+
     def ranks_at_fraction(self, fraction: float) -> dict[str, int]:
         """Ranks ``ceil(fraction * max_rank)`` (at least 1) for a fraction in (0, 1]."""
         if not 0 < fraction <= 1:

@@ -91,18 +91,14 @@ def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: 
 
 @torch.no_grad()
 def _decay_prefix(model: RankedModel, max_ranks: Mapping[str, int], weight_decay: float) -> None:
-    """Add L2 weight decay to the gradients of the trained prefix and of the shared parameters."""
+    """Add L2 weight decay to the gradient of every parameter's trained leading corner."""
     if weight_decay == 0:
         return
-    factors = set()
-    for name, layer in model.low_rank_layers().items():
-        r = max_ranks[name]
-        layer.U.grad[:, :r].add_(layer.U[:, :r], alpha=weight_decay)
-        layer.V.grad[:r].add_(layer.V[:r], alpha=weight_decay)
-        factors.update((id(layer.U), id(layer.V)))
-    for p in model.parameters():
-        if id(p) not in factors and p.grad is not None:
-            p.grad.add_(p, alpha=weight_decay)
+    shapes = model.slice_shapes(max_ranks)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            corner = tuple(slice(0, a) for a in shapes[name])
+            p.grad[corner].add_(p[corner], alpha=weight_decay)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Width-sliced models for the FjORD and HeteroFL baselines, behind the rank interface of ``models``.
+"""Width-sliced models for the FjORD and HeteroFL baselines, behind the rank interface of models.
 
 A width layer holds an ordinary dense ``weight`` / ``bias``. Its *rank* is the number of output
 channels it runs (a leading slice, ``max_rank`` = the channels it holds), and its input width is
@@ -52,13 +52,14 @@ class WidthLayer:
         return self.weight.shape[0]
 
     def set_rank(self, rank: int) -> None:
-        """Run the first ``rank`` output channels (1 <= rank <= max_rank; only max if not sliceable)."""
+        """Run the first ``rank`` output channels (1..max_rank; only max_rank if not sliceable)."""
         rank = _check_rank(rank, self.max_rank)
         if not self.sliceable_out and rank != self.max_rank:
-            raise ValueError(f"rank={rank!r}: this layer's output is not sliceable ({self.max_rank})")
+            raise ValueError(f"rank={rank!r}: the output is not sliceable, only {self.max_rank}")
         self.rank = rank
 
-    def slice_shapes(self, rank: int | None = None, in_width: int | None = None) -> dict[str, Shape]:
+    def slice_shapes(self, rank: int | None = None,
+                     in_width: int | None = None) -> dict[str, Shape]:
         """Shapes of ``weight`` / ``bias`` used at ``rank`` outputs and ``in_width`` inputs."""
         r, fan_in = self._active(rank, in_width)
         shapes = {"weight": (r, fan_in, *self.weight.shape[2:])}
@@ -95,7 +96,7 @@ class WidthLayer:
 
 
 class WidthLinear(WidthLayer, nn.Linear):
-    """``y = x @ W[:r, :in]^T + b[:r]`` with ``in = x.shape[-1]``: a linear layer on a leading slice.
+    """``y = x @ W[:r, :in]^T + b[:r]``, ``in = x.shape[-1]``: a linear layer on a leading slice.
 
     Shape:
         - Input: ``(*, in)`` with ``in <= in_features``
@@ -109,7 +110,8 @@ class WidthLinear(WidthLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
-        return F.linear(x, self.weight[:r, : x.shape[-1]], None if self.bias is None else self.bias[:r])
+        bias = None if self.bias is None else self.bias[:r]
+        return F.linear(x, self.weight[:r, : x.shape[-1]], bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, sliceable_out={self.sliceable_out}"
@@ -152,7 +154,8 @@ class WidthGroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
 
-    def slice_shapes(self, rank: int | None = None, in_width: int | None = None) -> dict[str, Shape]:
+    def slice_shapes(self, rank: int | None = None,
+                     in_width: int | None = None) -> dict[str, Shape]:
         """Shapes of ``weight`` / ``bias`` used on ``in_width`` channels."""
         c = self.weight.shape[0] if in_width is None else in_width
         return {"weight": (c,), "bias": (c,)}
@@ -213,15 +216,19 @@ class WidthModel(RankedModel):
         return self.cost(None, kind)
 
     def _trace(self, ranks: Mapping[str, int] | None) -> dict[str, tuple[int, int, int]]:
-        """(input width, output width, output positions) of every sliced module, cached per ranks."""
+        """(in width, out width, output positions) of every sliced module, cached per ranks."""
         ranks = {**self.max_ranks(), **(ranks or {})}
-        key = tuple(sorted(ranks.items()))
-        cache = self.__dict__.setdefault("_trace_cache", {})
-        if key not in cache:
-            if len(cache) >= 4096:  # bounded: OD samplers visit many rank tuples over a run
-                cache.clear()
-            cache[key] = _trace_widths(self, ranks)
-        return cache[key]
+        # Keyed by architecture, not instance: clients build a fresh model every round.
+        held = tuple((n, tuple(p.shape)) for n, p in self.named_parameters())
+        key = (type(self), self.input_shape, held, tuple(sorted(ranks.items())))
+        if key not in _TRACES:
+            if len(_TRACES) >= 4096:  # bounded: OD samplers visit many rank tuples over a run
+                _TRACES.clear()
+            _TRACES[key] = _trace_widths(self, ranks)
+        return _TRACES[key]
+
+
+_TRACES: dict[tuple, dict[str, tuple[int, int, int]]] = {}
 
 
 @torch.no_grad()
@@ -262,7 +269,8 @@ class WidthMLP(WidthModel):
     """Flatten -> width-sliced hidden layers with ReLU -> classifier (full output, sliced input)."""
 
     def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
-                 hidden: tuple[int, ...] = (256, 128), widths: Mapping[str, int] | None = None) -> None:
+                 hidden: tuple[int, ...] = (256, 128),
+                 widths: Mapping[str, int] | None = None) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         held = _resolve_widths({f"hidden.{i}": h for i, h in enumerate(hidden)}, widths)
@@ -370,7 +378,8 @@ class WidthResNet18(WidthModel):
             blocks = []
             for block in range(2):
                 prefix = f"layer{stage}.{block}"
-                blocks.append(WidthBlock(in_width, width, stride if block == 0 else 1, held, prefix))
+                block_stride = stride if block == 0 else 1
+                blocks.append(WidthBlock(in_width, width, block_stride, held, prefix))
                 in_width = held[f"{prefix}.conv2"]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -404,7 +413,7 @@ def width_shapes(name: str, input_shape: tuple[int, ...], num_classes: int,
 
 def width_model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,
                             arrays: Mapping[str, np.ndarray], device: str = "cpu") -> WidthModel:
-    """Build the width model holding exactly the widths of ``arrays`` (a state dict) and load them."""
+    """Build the width model holding exactly the widths of ``arrays`` (a state dict), loaded."""
     layers = build_width_model(name, input_shape, num_classes, device="meta").low_rank_layers()
     widths = {n: int(np.shape(arrays[f"{n}.weight"])[0]) for n in layers}
     model = build_width_model(name, input_shape, num_classes, widths, device="meta")

@@ -9,7 +9,12 @@ from strategies.merge import (
     prefix_arrays,
 )
 
+from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
+
 __all__ = [
+    "ClientSpec",
+    "RankWiseFedAvg",
+    "WidthFedAvg",
     "InvalidReply",
     "check_reply",
     "corner_arrays",

@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.merge import InvalidReply, check_reply, merge_nested, prefix_arrays
+from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested,
+                              prefix_arrays)
 from strategies.records import nbytes, to_numpy, to_record
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class ClientSpec:
     partition_id: int
     budget: float
     ranks: Mapping[str, int] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[int, ...]] | None = None  # the slice's shapes, when not a prefix
 
 
 def _placeholder(array: np.ndarray) -> np.ndarray:
@@ -61,7 +63,9 @@ class RankWiseFedAvg(FedAvg):
         self.clients = dict(clients)
 
     def client_arrays(self, spec: ClientSpec, global_arrays: Arrays) -> Arrays:
-        """The slice of the global arrays a client trains: its rank prefix."""
+        """The slice of the global arrays a client trains: its rank prefix (or given corner)."""
+        if spec.shapes is not None:
+            return corner_arrays(global_arrays, spec.shapes)
         return prefix_arrays(global_arrays, spec.ranks)
 
     def sample_nodes(self, grid: Grid) -> list[int]:
@@ -159,3 +163,13 @@ class RankWiseFedAvg(FedAvg):
         """Restore what ``state_dict`` returned."""
         self.rng.bit_generator.state = state["rng"]
         self.dropped_total = int(state["dropped_total"])
+
+
+class WidthFedAvg(RankWiseFedAvg):
+    """The same nested FedAvg for width-sliced models (FjORD, HeteroFL): every array may be cut.
+
+    A client's slice is the leading corner of every weight (its first channels), so the one
+    nested merge averages each element over the clients that hold it.
+    """
+
+    cut_shared = True

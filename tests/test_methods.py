@@ -82,13 +82,17 @@ def _run(tmp_path, nodes: int = 4, **extra) -> RunStore:
     return RunStore(tmp_path / "run")
 
 
-@pytest.mark.parametrize("strategy", ["fedavg-full", "fedavg-smallest", "fedavg-exclusive"])
-def test_each_rank_baseline_runs_end_to_end(tmp_path, strategy):
+@pytest.mark.parametrize("strategy", ["fedavg-full", "fedavg-smallest", "fedavg-exclusive",
+                                      "fjord", "heterofl"])
+def test_each_baseline_runs_end_to_end(tmp_path, strategy):
     store = _run(tmp_path, strategy=strategy)
     clients = store.read("clients")
     assert len(store.read("rounds")) == 2 and len(clients) > 0
     if strategy == "fedavg-exclusive":
         assert set(clients["budget"]) == {1.0}
+    elif strategy in ("fjord", "heterofl"):  # width slices sized to each budget
+        by_budget = clients.groupby("budget")["bytes-down"]
+        assert by_budget.max()[0.25] < by_budget.min()[1.0]
     else:
         assert clients["bytes-down"].nunique() == 1  # one model size for every device
     tiers = store.read("evaluation").query("kind == 'tier' and metric == 'relative-macs'")
@@ -97,6 +101,15 @@ def test_each_rank_baseline_runs_end_to_end(tmp_path, strategy):
         assert (final == 1.0).all()  # the upper bound ignores the budgets, and says so
     if strategy == "fedavg-smallest":
         assert final[0.25] == final[1.0] <= 0.25
+    if strategy in ("fjord", "heterofl"):
+        assert final[0.25] <= 0.25 and final[1.0] == 1.0
+
+
+@pytest.mark.parametrize("key, value", [("hgl-lambda", 1e-3), ("shrink-every", 2),
+                                        ("rank-allocation", "importance"), ("init", "svd:x")])
+def test_width_baselines_refuse_factor_only_settings(key, value):
+    with pytest.raises(ValueError, match=key):
+        parse_run_config({"strategy": "fjord", key: value})
 
 
 def test_progressive_shrinking_shrinks_messages_and_resumes(tmp_path):
