@@ -71,8 +71,6 @@ def label(value: Any) -> str:
 DEVICE_MIXES = ("1.0:1.0", "0.2:0.2,0.4:0.2,0.6:0.2,0.8:0.2,1.0:0.2", "0.2:0.5,1.0:0.5",
                 "0.2:0.8,1.0:0.2")
 
-# Baselines are being added to fl_maestro.config.STRATEGIES; until they are, a sweep over the ones
-# missing there stops at start with the allowed values (pin a value with --set strategy=rankwise).
 STRATEGY_NAMES = ("rankwise", "fedavg-full", "fedavg-smallest", "fedavg-exclusive", "fjord",
                   "heterofl")
 
@@ -88,6 +86,25 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                  "dirichlet-0.1": {"partitioner": "dirichlet", "alpha": 0.1}}),)),
     Scenario("strategies", "rank-wise Maestro against the FedAvg, FjORD and HeteroFL baselines",
              axes=(axis("strategy", STRATEGY_NAMES),)),
+    Scenario("comparison", "the reference comparison: rank-wise with and without Maestro's "
+             "distillation and HGL against the five baselines, equal budgets, 3 seeds",
+             overrides={"num-rounds": 15, "eval-every": 5}, seeds=(0, 1, 2),
+             axes=(grouped_axis("method", {
+                 "rankwise": {"strategy": "rankwise"},
+                 "rankwise-distill-hgl": {"strategy": "rankwise", "distill": True,
+                                          "hgl-lambda": 1e-4},
+                 "fedavg-full": {"strategy": "fedavg-full"},
+                 "fedavg-smallest": {"strategy": "fedavg-smallest"},
+                 "fedavg-exclusive": {"strategy": "fedavg-exclusive"},
+                 "fjord": {"strategy": "fjord"},
+                 "heterofl": {"strategy": "heterofl"}}),)),
+    Scenario("reference", "budget mixes x non-IID levels for the rank-wise strategy",
+             overrides={"num-rounds": 10, "eval-every": 5},
+             axes=(axis("device-mix", DEVICE_MIXES[1:]),
+                   grouped_axis("non-iid", {
+                       "iid": {"partitioner": "iid"},
+                       "dirichlet-0.5": {"partitioner": "dirichlet", "alpha": 0.5},
+                       "dirichlet-0.1": {"partitioner": "dirichlet", "alpha": 0.1}}))),
     Scenario("smoke", "a two-cell end-to-end check: digits, 4 clients, 2 rounds (about 2 min)",
              overrides={"dataset": "digits", "num-rounds": 2, "clients-per-round": 3,
                         "eval-samples": 0}, supernodes=4,
