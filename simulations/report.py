@@ -20,24 +20,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from fl_maestro.results import TABLES, RunStore  # noqa: E402
-from fl_maestro.shrinking import importance_from_arrays  # noqa: E402
-from simulations.devices import (load_profiles, profiles_for, profiles_frame,  # noqa: E402
+from fl_maestro.results import TABLES, RunStore
+from simulations.devices import (load_profiles, profiles_for, profiles_frame,
                                  simulate, time_at_rounds)
+from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accuracy_vs_fraction,
+                               plot_communication, plot_importance, plot_pareto,
+                               plot_tier_accuracy, save_figure, summarise)
 
 log = logging.getLogger(__name__)
 
 IGNORED_KEYS = ("run-name", "results-dir", "resume", "seed")
-STATS = ["mean", "min", "max", "std", "count"]
-MB = 1e6
 
 
 @dataclass
@@ -149,13 +144,6 @@ def evaluation_wide(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def summarise(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -> pd.DataFrame:
-    """Mean, min, max, std and count of ``value`` over seeds, plus the mean of the cost columns."""
-    stats = frame.groupby(by, sort=False)[value].agg(STATS)
-    costs = [c for c in ("dense-relative-macs", "relative-macs", "sim-seconds") if c in frame]
-    return stats.join(frame.groupby(by, sort=False)[costs].mean()).reset_index()
-
-
 def final_table(wide: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Final-round accuracy per group and tier (``kind="tier"``) or rank fraction, over seeds."""
     rows = summarise(wide[wide["final"] & (wide["kind"] == kind)], ["group", "level"])
@@ -179,195 +167,6 @@ def runs_table(runs: Sequence[Run], wide: pd.DataFrame) -> pd.DataFrame:
                      "stragglers": int(sim["stragglers"].sum()) if len(sim) else 0,
                      "dropped out": int(sim["dropped-out"].sum()) if len(sim) else 0})
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def group_colors(runs: Sequence[Run]) -> dict[str, tuple]:
-    """One colour per group, in run order, shared by every plot."""
-    cmap = plt.get_cmap("tab10")
-    groups = [r.group for r in runs]
-    return {g: cmap(i % 10) for i, g in enumerate(dict.fromkeys(groups))}
-
-
-def _line(ax, x, stats: pd.DataFrame, color, label: str | None, style: str = "-",
-          marker: str = "o") -> None:
-    spread = (stats["count"] > 1).any()
-    if style == "none":  # separate points: whiskers instead of a band
-        err = np.vstack([stats["mean"] - stats["min"], stats["max"] - stats["mean"]])
-        ax.errorbar(x, stats["mean"], yerr=err if spread else None, fmt=marker, color=color,
-                    label=label, markersize=5, capsize=3)
-        return
-    ax.plot(x, stats["mean"], linestyle=style, marker=marker or None, color=color, label=label,
-            markersize=4)
-    if spread:
-        ax.fill_between(x, stats["min"], stats["max"], color=color, alpha=0.18, linewidth=0)
-
-
-def _finish(fig, axes, title: str, legend_title: str, n_seeds: int) -> None:
-    handles, labels = axes[0].get_legend_handles_labels()
-    band = f"\n(mean over {n_seeds} seeds; band or whiskers: min-max)" if n_seeds > 1 else ""
-    fig.suptitle(title + band)
-    if handles:
-        fig.legend(handles, labels, title=legend_title or None, loc="outside lower center",
-                   ncol=1 if max(map(len, labels)) > 40 else min(len(labels), 3), fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-
-
-def plot_accuracy_vs_fraction(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Final-round accuracy of the global model run at each rank fraction."""
-    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-    for group, stats in summarise(wide[wide["final"] & (wide["kind"] == "fraction")],
-                                  ["group", "level"]).groupby("group", sort=False):
-        _line(ax, stats["level"], stats, colors[group], group)
-    ax.set(xlabel="rank fraction of every low-rank layer", ylabel="test accuracy (final round)",
-           xlim=(0, 1.05))
-    _finish(fig, [ax], "Accuracy of the final global model at each rank fraction", legend,
-            wide["seed"].nunique())
-    return fig
-
-
-def plot_tier_accuracy(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Grouped bars: final accuracy of each budget tier's sub-model, one bar colour per group."""
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    stats = summarise(wide[wide["final"] & (wide["kind"] == "tier")], ["group", "level"])
-    tiers = sorted(stats["level"].unique())
-    groups = list(dict.fromkeys(stats["group"]))
-    width = 0.8 / len(groups)
-    for i, group in enumerate(groups):
-        mine = stats[stats["group"] == group].set_index("level").reindex(tiers)
-        x = np.arange(len(tiers)) + (i - (len(groups) - 1) / 2) * width
-        err = np.vstack([mine["mean"] - mine["min"], mine["max"] - mine["mean"]])
-        bars = ax.bar(x, mine["mean"], width, yerr=err if (mine["count"] > 1).any() else None,
-                      color=colors[group], label=group, capsize=3)
-        if len(groups) <= 4:
-            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-    ax.set_xticks(np.arange(len(tiers)), [str(float(t)) for t in tiers])
-    ax.set(xlabel="device budget tier (fraction of the full model's cost)",
-           ylabel="test accuracy (final round)", ylim=(0, 1))
-    _finish(fig, [ax], "Final accuracy of the sub-model each budget tier receives", legend,
-            wide["seed"].nunique())
-    return fig
-
-
-def plot_pareto(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Accuracy against inference MACs relative to the dense model (fractions and tiers)."""
-    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-    final = wide[wide["final"]]
-    for kind, style, marker in (("fraction", "-", "o"), ("tier", "none", "s")):
-        stats = summarise(final[final["kind"] == kind], ["group", "level"])
-        for group, mine in stats.groupby("group", sort=False):
-            _line(ax, mine["dense-relative-macs"], mine, colors[group],
-                  group if kind == "fraction" else None, style, marker)
-    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.text(1.0, 0.02, " dense model", transform=ax.get_xaxis_transform(), fontsize=8)
-    ax.plot([], [], "ko-", markersize=4, label="rank fraction (line)")
-    ax.plot([], [], "ks", markersize=4, label="budget tier (square)")
-    ax.set(xlabel="inference MACs per sample relative to the dense (undecomposed) model",
-           ylabel="test accuracy (final round)")
-    _finish(fig, [ax], "Accuracy vs inference cost of the final global model", legend,
-            wide["seed"].nunique())
-    return fig
-
-
-def _time_unit(seconds: float) -> tuple[float, str]:
-    return next(((d, u) for d, u in ((3600, "hours"), (60, "minutes")) if seconds >= 2 * d),
-                (1, "seconds"))
-
-
-def plot_accuracy_over_time(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Accuracy at the largest and smallest rank fraction against round and simulated time."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True, layout="constrained")
-    rows = wide[wide["kind"] == "fraction"]
-    levels = (rows["level"].max(), rows["level"].min())
-    divisor, unit = _time_unit(np.nan_to_num(rows["sim-seconds"].max()))
-    for level, style in zip(levels, ("-", "--")):
-        stats = summarise(rows[rows["level"] == level], ["group", "round"])
-        for group, mine in stats.groupby("group", sort=False):
-            label = group if level == levels[0] else None
-            _line(axes[0], mine["round"], mine, colors[group], label, style, "")
-            if mine["sim-seconds"].notna().any():
-                _line(axes[1], mine["sim-seconds"] / divisor, mine, colors[group], None, style, "")
-    for level, style in zip(levels, ("-", "--")):
-        axes[0].plot([], [], "k" + style, label=f"rank fraction {level:g}")
-    axes[0].set(xlabel="round", ylabel="test accuracy of the global model")
-    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].set(xlabel=f"simulated device time ({unit}, slowest client per round)")
-    _finish(fig, axes, "Accuracy of the global model over training, by round and by simulated "
-            "device time", legend, wide["seed"].nunique())
-    return fig
-
-
-def plot_communication(runs: Sequence[Run], legend: str, colors: dict) -> plt.Figure:
-    """Per-client traffic by budget tier and total traffic per round."""
-    frames = [r.tables["clients"].assign(group=r.group, seed=r.seed)
-              for r in runs if not r.tables["clients"].empty]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
-    clients = pd.concat(frames, ignore_index=True)
-    clients["MB"] = (clients["bytes-down"] + clients["bytes-up"]) / MB
-    groups = list(dict.fromkeys(clients["group"]))
-    tiers, width = sorted(clients["budget"].unique()), 0.8 / len(groups)
-    for i, group in enumerate(groups):
-        mine = clients[clients["group"] == group].groupby("budget")["MB"].mean().reindex(tiers)
-        x = np.arange(len(tiers)) + (i - (len(groups) - 1) / 2) * width
-        axes[0].bar(x, mine, width, color=colors[group], label=group)
-        total = clients[clients["group"] == group].groupby(["seed", "round"])["MB"].sum()
-        per_round = total.groupby("round").agg(STATS)
-        _line(axes[1], per_round.index, per_round, colors[group], None)
-    axes[0].set_xticks(np.arange(len(tiers)), [str(float(t)) for t in tiers])
-    axes[0].set(xlabel="device budget tier", ylabel="MB per client per round (down + up)")
-    axes[1].set(xlabel="round", ylabel="MB per round, all sampled clients (down + up)")
-    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].set_ylim(bottom=0)
-    _finish(fig, axes, "Communication: traffic per client by tier (left) and per round (right)",
-            legend, clients["seed"].nunique())
-    return fig
-
-
-def plot_importance(runs: Sequence[Run], legend: str, colors: dict) -> plt.Figure | None:
-    """Component importance of each low-rank layer at the last checkpoint (a group's first seed)."""
-    spectra: dict[str, dict[str, np.ndarray]] = {}
-    for run in sorted(runs, key=lambda r: r.seed):
-        store = RunStore(run.path)
-        if run.group in spectra or not store.has_checkpoint():
-            continue
-        _, arrays, _ = store.load_checkpoint()
-        spectra[run.group] = {name[:-2]: importance_from_arrays(arrays[name], arrays[v])
-                              for name in sorted(arrays) if name.endswith(".U")
-                              and (v := name[:-1] + "V") in arrays}
-    layers = sorted({layer for s in spectra.values() for layer in s})
-    if not layers:
-        return None
-    cols = min(len(layers), 3)
-    rows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False,
-                             layout="constrained")
-    for ax, layer in zip(axes.flat, layers):
-        for group, spectrum in spectra.items():
-            values = spectrum.get(layer)
-            if values is not None:
-                ax.plot(np.arange(1, len(values) + 1), np.where(values > 0, values, np.nan),
-                        color=colors[group], label=group)
-        ax.set(yscale="log", title=layer, xlabel="component j (rank index)",
-               ylabel="importance ||V[j:]|| x ||U[:, j:]||")
-    for ax in axes.flat[len(layers):]:
-        ax.set_visible(False)
-    _finish(fig, list(axes.flat), "Importance spectrum of each low-rank layer "
-            "(last checkpoint, log scale)", legend, 1)
-    return fig
-
-
-# --------------------------------------------------------------------------- output
-
-
-def save_figure(fig: plt.Figure, out: Path, name: str) -> Path:
-    """Write ``name.png`` and ``name.pdf``; returns the PNG path."""
-    fig.savefig(out / f"{name}.png", dpi=130)
-    fig.savefig(out / f"{name}.pdf")
-    plt.close(fig)
-    return out / f"{name}.png"
 
 
 def write_html(out: Path, title: str, notes: Sequence[str],
