@@ -35,8 +35,10 @@ run: venv data
 test: venv data
 	$(PY) -m pytest -q
 
+# Speed targets live here, not in the tests; outputs are saved under results/bench/.
 bench: venv data
 	$(PY) -m simulations.bench_layers --out results/bench
+	$(PY) -m simulations.bench_federation --out results/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
