@@ -1,4 +1,4 @@
-"""Ordered low-rank layers: exact forwards, slicing, gradients, rank checks, layout and cost counts."""
+"""Ordered low-rank layers: exact forwards, slicing, gradients, rank checks, layout, cost counts."""
 
 from __future__ import annotations
 
@@ -204,6 +204,20 @@ def test_u_is_rank_major_and_stays_so() -> None:
 
     layer(_randn(2, 10)).sum().backward()
     assert layer.U.grad.t().is_contiguous()  # the gradient follows the parameter's layout
+
+
+@pytest.mark.parametrize(("make", "x"), [(lambda: LowRankLinear(10, 6), (4, 10)),
+                                         (lambda: LowRankConv2d(3, 8, 3, padding=1), (2, 3, 5, 5))])
+def test_u_gradient_arrives_in_u_layout(make, x: tuple[int, ...]) -> None:
+    """The gradient autograd hands to U already has U's rank-major strides at any rank, so
+    accumulating it is a plain add, not a full-size transposing copy on every step."""
+    layer = make()
+    arrived = []
+    layer.U.register_hook(lambda grad: arrived.append(grad.stride()))
+    for r in (2, layer.max_rank):
+        layer.set_rank(r)
+        layer(_randn(*x)).sum().backward()
+    assert arrived == [layer.U.stride()] * 2
 
 
 def test_meta_layer_truncates_and_materialises_rank_major() -> None:

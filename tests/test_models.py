@@ -20,7 +20,7 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
 
 # CNN on 1 x 28 x 28 (fashion-mnist), counted by hand:
 #   conv1  dense 1 -> 32, 3x3, pad 1, 28 x 28 outputs:  784 * 32 * 9              =   225_792 MACs
-#   conv2  low-rank 32 -> 64, 3x3, pad 1, on 14 x 14:   fan_in 32*9 = 288, max rank min(64, 288) = 64
+#   conv2  low-rank 32 -> 64, 3x3, pad 1, on 14 x 14:   fan_in 32*9 = 288, max rank 64
 #          rank r:  196 * r * (288 + 64) = 68_992 r;    full (r = 64)              = 4_415_488 MACs
 #   fc     low-rank 64*7*7 = 3136 -> 128:               max rank 128
 #          rank r:  r * (3136 + 128) = 3_264 r;         full (r = 128)             =   417_792 MACs
@@ -52,7 +52,8 @@ def test_cnn_costs_at_given_ranks_by_hand() -> None:
     assert model.cost(ranks) == 1_435_392
     assert model.cost(ranks, "params") == 320 + (16 * 352 + 64) + (32 * 3264 + 128) + 1290
     # a layer left out keeps its maximum rank
-    assert model.cost({"conv2": 1}) == CONV1_MACS + CONV2_PER_RANK + 128 * FC_PER_RANK + CLASSIFIER_MACS
+    assert model.cost({"conv2": 1}) == (CONV1_MACS + CONV2_PER_RANK + 128 * FC_PER_RANK
+                                        + CLASSIFIER_MACS)
     # the active ranks do not change what cost() counts by default (maximum ranks)
     model.set_ranks(ranks)
     assert model.cost() == CNN_FULL_MACS
@@ -61,8 +62,10 @@ def test_cnn_costs_at_given_ranks_by_hand() -> None:
 def test_cnn_dense_cost_by_hand() -> None:
     model = CNN()
     # conv2 dense 196 * 64 * 288, fc dense 3136 * 128
-    assert model.dense_cost() == CONV1_MACS + 196 * 64 * 288 + 3136 * 128 + CLASSIFIER_MACS == 4_241_152
-    assert model.dense_cost("params") == 320 + (64 * 288 + 64) + (3136 * 128 + 128) + 1290 == 421_642
+    assert model.dense_cost() == CONV1_MACS + 196 * 64 * 288 + 3136 * 128 + CLASSIFIER_MACS
+    assert model.dense_cost() == 4_241_152
+    assert model.dense_cost("params") == 320 + (64 * 288 + 64) + (3136 * 128 + 128) + 1290
+    assert model.dense_cost("params") == 421_642
     # a full-rank factor pair costs more than the dense weight it replaces
     assert model.cost() > model.dense_cost()
 

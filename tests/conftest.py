@@ -1,0 +1,7 @@
+"""Test-wide settings."""
+
+import torch
+
+# One intra-op thread: on a 2-core machine shared with Ray actors or other work, OpenMP threads
+# spin-waiting for each other make small steps tens of times slower; tests check correctness only.
+torch.set_num_threads(1)
