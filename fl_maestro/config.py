@@ -42,6 +42,8 @@ def _number(low: float, high: float, low_open: bool = False) -> Callable[[Any], 
 
 
 def _fractions(text: Any) -> bool:
+    if not isinstance(text, str):
+        return False
     try:
         values = [float(x) for x in str(text).split(",")]
     except ValueError:
@@ -166,6 +168,9 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
         value = raw.get(name, key.default)
         if isinstance(key.default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if name == "eval-fractions" and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            value = str(value)  # `eval-fractions=1.0` on the command line arrives as a number
         if not key.check(value):
             raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed {key.allowed}")
         values[name.replace("-", "_")] = value

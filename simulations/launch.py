@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,54 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Block until something listens on 127.0.0.1:``port``; fail if ``process`` dies first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {process.returncode} at start")
+            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode} at start")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s")
+    raise TimeoutError(f"{process.args[0]} did not open port {port} within {timeout:.0f} s")
+
+
+def flower_env(home: Path, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: private FLWR_HOME, no runtime installs, venv tools first."""
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PYTHONUNBUFFERED": "1",
+           # Keep Ray hiding GPUs from actors given num_gpus=0 (a future default would not).
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", **(extra_env or {})}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so ``finally`` blocks stop every process we started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+class Managed:
+    """Context-manager plumbing for things that ``start()`` processes and must ``stop()`` them."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def toml_overrides(values: Mapping[str, Any]) -> list[str]:
@@ -64,7 +102,7 @@ def toml_overrides(values: Mapping[str, Any]) -> list[str]:
     return args
 
 
-class PrivateSuperLink:
+class PrivateSuperLink(Managed):
     """A simulation SuperLink of our own: private FLWR_HOME, free ports, killed on exit."""
 
     def __init__(self, flwr_home: str | Path | None = None, app_dir: Path = APP_DIR) -> None:
@@ -72,22 +110,7 @@ class PrivateSuperLink:
         self.home = Path(flwr_home or self._tmp)
         self.app_dir = app_dir
         self.process: subprocess.Popen | None = None
-        self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
-        # Tools next to this interpreter (the project's venv) come first.
-        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
-
-    def __enter__(self) -> PrivateSuperLink:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self.env = flower_env(self.home)
 
     def start(self) -> None:
         """Start the SuperLink and point this FLWR_HOME's default connection at it."""
@@ -105,7 +128,7 @@ class PrivateSuperLink:
                                         start_new_session=True)
         log.info("started flower-superlink (pid %d, port %d, FLWR_HOME %s)",
                  self.process.pid, port, self.home)
-        _wait_for_port(port, self.process)
+        wait_for_port(port, self.process)
 
     def run(self, run_config: Mapping[str, Any], federation_config: Mapping[str, Any],
             timeout: float | None = None, log_path: str | Path | None = None) -> int:
@@ -144,18 +167,9 @@ class PrivateSuperLink:
         return code
 
     def stop(self, grace: float = 10) -> None:
-        """Stop the SuperLink and everything started under its FLWR_HOME (simulation, Ray).
-
-        SIGTERM first, SIGKILL for whatever still lives after ``grace`` seconds.
-        """
+        """Stop the SuperLink and everything started under its FLWR_HOME (simulation, Ray)."""
         if self.process is not None:
-            _signal_all(self.process, self.home, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while _alive(self.process, self.home) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            _signal_all(self.process, self.home, signal.SIGKILL)
-            self.process.wait()
-            _wait_gone(self.home)
+            stop_processes([self.process], self.home, grace)
             log.info("stopped flower-superlink (pid %d)", self.process.pid)
             self.process = None
         if self._tmp:
@@ -166,21 +180,34 @@ class PrivateSuperLink:
         self.stop(grace=0)
 
 
-def _signal_all(process: subprocess.Popen, home: Path, sig: int) -> None:
-    """Signal the SuperLink's process group and every process under this FLWR_HOME."""
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
+def stop_processes(processes: Sequence[subprocess.Popen], home: Path, grace: float = 10) -> None:
+    """SIGTERM every process group and every process under ``home``; SIGKILL what outlives ``grace``.
+
+    Each process was started in a session of its own; the FLWR_HOME marker finds the ones that
+    left it (the simulation runtime, Ray's workers).
+    """
+    _signal(processes, home, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (
+            any(p.poll() is None for p in processes) or processes_with_home(home)):
+        time.sleep(0.1)
+    _signal(processes, home, signal.SIGKILL)
+    for process in processes:
+        process.wait()
+    _wait_gone(home)
+
+
+def _signal(processes: Sequence[subprocess.Popen], home: Path, sig: int) -> None:
+    for process in processes:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
     for pid in processes_with_home(home):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def _alive(process: subprocess.Popen, home: Path) -> bool:
-    return process.poll() is None or bool(processes_with_home(home))
 
 
 def processes_with_home(home: Path) -> list[int]:
@@ -250,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--supernodes", type=int, default=100)
     parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0,
+                        help="GPU share per client (e.g. 0.25); clients train on CUDA when > 0")
     parser.add_argument("-c", "--run-config", action="append", default=[],
                         help="key=value run-config override (repeatable)")
     parser.add_argument("--timeout", type=float, default=None)
@@ -261,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     with PrivateSuperLink() as link:
-        code = link.run(overrides, federation_config(args.supernodes, args.cpus_per_client),
-                        args.timeout)
+        code = link.run(overrides, federation_config(args.supernodes, args.cpus_per_client,
+                                                     args.gpus_per_client), args.timeout)
     if code != 0 or not run_finished(overrides):
         log.error("the run did not finish (flwr run exit code %d): see the ServerApp log above",
                   code)

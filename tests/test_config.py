@@ -148,3 +148,9 @@ def test_to_dict_round_trip() -> None:
     assert list(raw) == list(KEYS)
     assert parse_run_config(raw) == cfg
     assert parse_run_config(parse_run_config({}).to_dict()) == parse_run_config({})
+
+
+def test_eval_fractions_given_as_a_number_is_read_as_one_fraction() -> None:
+    # `--run-config eval-fractions=1.0` reaches the app as a float, not a string.
+    assert parse_run_config({"eval-fractions": 1.0}).fractions == [1.0]
+    assert parse_run_config({"eval-fractions": 1}).fractions == [1.0]
