@@ -52,7 +52,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
             x, y = x.to(device), y.to(device)
             ranks = draw(max_ranks, rng)
             loss, logits = _step_loss(model, x, y, max_ranks, ranks, distill, hgl_lambda)
-            optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _decay_prefix(model, max_ranks, weight_decay)
             optimizer.step()

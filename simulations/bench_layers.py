@@ -58,7 +58,7 @@ def _step_fn(model: RankedModel, ranks: dict[str, int], x: torch.Tensor,
     def step() -> None:
         model.set_ranks(ranks)
         loss = loss_fn(model(x), target)
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=True)  # a fresh gradient beats zero-filling the old one
         loss.backward()
         optimizer.step()
     return step
