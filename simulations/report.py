@@ -46,6 +46,7 @@ class Run:
     tables: dict[str, pd.DataFrame]
     group: str = ""
     sim_rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
+    axes: dict = field(default_factory=dict)  # a sweep cell's axis labels (cell.json)
 
 
 # --------------------------------------------------------------------------- loading
@@ -84,10 +85,13 @@ def load_run(path: Path) -> Run:
     store = RunStore(path)
     config = store.read_config()
     cell = path / "cell.json"
+    axes = {}
     if cell.exists():
-        config["supernodes"] = json.loads(cell.read_text()).get("supernodes")
+        info = json.loads(cell.read_text())
+        config["supernodes"] = info.get("supernodes")
+        axes = info.get("axes", {})
     return Run(path.name, path, config, int(config.get("seed", 0)),
-               {t: store.read(t) for t in TABLES})
+               {t: store.read(t) for t in TABLES}, axes=axes)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -101,14 +105,20 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 
 
 def group_runs(runs: Sequence[Run]) -> str:
-    """Set every run's group label from the keys that vary; returns the legend title."""
-    keys = sorted({k for r in runs for k in r.config} - set(IGNORED_KEYS))
-    varying = [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    """Set every run's group label from what varies; returns the legend title.
+
+    Runs of one sweep are labelled by its axes' level names (e.g. ``method=fjord``); other runs
+    by the config keys whose values differ between them.
+    """
+    use_axes = all(r.axes for r in runs) and len({json.dumps(r.axes) for r in runs}) > 1
+    values = (lambda r: r.axes) if use_axes else (lambda r: r.config)  # noqa: E731
+    keys = sorted({k for r in runs for k in values(r)} - set(IGNORED_KEYS))
+    varying = [k for k in keys if len({json.dumps(values(r).get(k)) for r in runs}) > 1]
     for run in runs:
         if len(varying) == 1:
-            run.group = str(run.config.get(varying[0]))
+            run.group = str(values(run).get(varying[0]))
         elif varying:
-            run.group = ", ".join(f"{k}={run.config.get(k)}" for k in varying)
+            run.group = ", ".join(f"{k}={values(run).get(k)}" for k in varying)
         else:
             run.group = run.name if len({r.name for r in runs}) == 1 else "all runs"
     return varying[0] if len(varying) == 1 else ""
