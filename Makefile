@@ -29,8 +29,10 @@ data:
 
 # The main job: the default experiment (Fashion-MNIST, CNN, 100 clients, 10 per round, five budget
 # tiers, Dirichlet alpha 0.5) through `flwr run . --stream` on a private SuperLink.
+# Each `make run` writes a new results/default-<time>/; extra overrides: make run RUN_CONFIG="num-rounds=5".
 run: venv data
-	$(PY) -m simulations.launch --supernodes 100 $(if $(RUN_CONFIG),$(foreach kv,$(RUN_CONFIG),-c $(kv)),)
+	$(PY) -m simulations.launch --supernodes 100 -c run-name=default-$$(date +%Y%m%d-%H%M%S) \
+	  $(foreach kv,$(RUN_CONFIG),-c $(kv))
 
 test: venv data
 	$(PY) -m pytest -q
