@@ -17,7 +17,7 @@ from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
 from fl_maestro.models import model_arrays
 from fl_maestro.plans import local_sampler, model_for
-from fl_maestro.training import train
+from fl_maestro.training import evaluate, train
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,15 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
 
 
-def local_loader(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int):
-    """The shuffled training loader of this node's partition for this round."""
+def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int):
+    """This node's shuffled training loader for this round and its validation loader."""
     x_train, y_train, _, _ = load_dataset(cfg.dataset)
-    train_idx, _ = client_partition(cfg.dataset, partition_id, num_partitions, cfg.partitioner,
-                                    cfg.alpha, cfg.classes_per_client, cfg.seed, cfg.val_fraction)
+    train_idx, val_idx = client_partition(cfg.dataset, partition_id, num_partitions,
+                                          cfg.partitioner, cfg.alpha, cfg.classes_per_client,
+                                          cfg.seed, cfg.val_fraction)
     seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
-    return make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed)
+    return (make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed),
+            make_loader(x_train, y_train, val_idx, batch_size=256))
 
 
 @app.train()
@@ -65,7 +67,10 @@ def train_prefix(msg: Message, context: Context) -> Message:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
                       NUM_CLASSES[cfg.dataset], arrays, device=device)
-    loader = local_loader(cfg, partition_id, num_partitions, server_round)
+    loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round)
+    # The received model on this device's own held-out data, at the ranks it runs: what a
+    # device of this tier would see locally, before it trains.
+    local = evaluate(model, val_loader)
     sampler = local_sampler(cfg.strategy, cfg.sampler)
     result = train(model, loader, model.max_ranks(), sampler, cfg.local_epochs, cfg.lr,
                    cfg.momentum, cfg.weight_decay, cfg.distill, cfg.hgl_lambda,
@@ -74,6 +79,8 @@ def train_prefix(msg: Message, context: Context) -> Message:
         "num-examples": len(loader.dataset), "train-loss": result["loss"],
         "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],
         "train-macs": result["macs"], "steps": result["steps"],
+        "val-accuracy": local["accuracy"], "val-loss": local["loss"],
+        "val-examples": local["examples"],
     })
     content = RecordDict({"arrays": to_record(model_arrays(model)), "metrics": metrics})
     return Message(content=content, reply_to=msg)

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from fl_maestro.budgets import assign_budgets, parse_mix
 from fl_maestro.config import RunConfig
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
-from fl_maestro.models import RankedModel, load_dense_state, model_arrays
+from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
 from fl_maestro.plans import build_for, is_width, model_for, plan_ranks, takes_part
 from fl_maestro.results import RunStore
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks
@@ -35,7 +35,7 @@ from strategies.records import to_numpy, to_record
 log = logging.getLogger(__name__)
 
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every"})
+RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every", "results-dir"})
 
 
 def discover_nodes(grid: Grid, timeout: float = 600, chunk: int = 256) -> dict[int, Mapping]:
@@ -113,8 +113,11 @@ class Federation:
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
         self.start_round = 1
-        original = build_for(cfg.strategy, cfg.model, self.shape, self.classes, "meta")
-        self.reference_cost = original.cost(kind=cfg.cost)  # budgets are fractions of this
+        # Budgets are fractions of the full-rank factorised model's cost, for every strategy:
+        # a width-sliced baseline's device gets the MACs a rank-wise device of its tier gets
+        # (capped at its dense model), and shrinking never changes what a device affords.
+        original = build_model(cfg.model, self.shape, self.classes, "meta")
+        self.reference_cost = original.cost(kind=cfg.cost)
         self.reference_macs = original.cost(kind="macs")
         if cfg.resume and self.store.has_checkpoint():
             self._resume()
@@ -122,6 +125,7 @@ class Federation:
             raise ValueError(f"{self.store.root} already holds a run: pass resume=true to continue "
                              "it, or choose another run-name")
         else:
+            self.store.clear()  # leftovers of a run killed before its first checkpoint
             self.arrays = self._initial_arrays()
         self.store.write_config(cfg.to_dict())
         _, _, self.test_x, self.test_y = load_dataset(cfg.dataset)
@@ -168,6 +172,8 @@ class Federation:
         """Learn every node's partition and budget (node config, else the device mix)."""
         self.budgets = node_budgets(self.cfg, nodes)
         self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
+        # Deployment budgets from node configs are tiers too, evaluated and planned for.
+        self.tiers = sorted(set(self.tiers) | set(self.budgets.values()))
         if not any(takes_part(self.cfg.strategy, b) for b in self.budgets.values()):
             raise ValueError(f"strategy {self.cfg.strategy!r}: no node takes part with budgets "
                              f"{sorted(set(self.budgets.values()))}")

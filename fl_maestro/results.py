@@ -65,7 +65,11 @@ class RunStore:
         path = self.root / f"{table}.csv"
         frame = pd.DataFrame(rows)
         if path.exists():
-            columns = pd.read_csv(path, nrows=0).columns
+            columns = list(pd.read_csv(path, nrows=0).columns)
+            if set(frame.columns) - set(columns):  # new columns: rewrite with their union
+                merged = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+                _atomic_write(path, lambda p: merged.to_csv(p, index=False))
+                return
             frame = frame.reindex(columns=columns)
         frame.to_csv(path, mode="a", header=not path.exists(), index=False)
 
@@ -73,6 +77,12 @@ class RunStore:
         """One table as a DataFrame (empty when nothing was written yet)."""
         path = self.root / f"{table}.csv"
         return pd.read_csv(path) if path.exists() else pd.DataFrame()
+
+    def clear(self) -> None:
+        """Remove the tables and checkpoint a run that died before its first checkpoint left."""
+        for path in [*(self.root / f"{t}.csv" for t in TABLES), self.root / "checkpoint.json",
+                     *self.root.glob("checkpoint-*.safetensors")]:
+            path.unlink(missing_ok=True)
 
     def truncate_after(self, last_round: int) -> None:
         """Drop table rows of rounds after ``last_round`` (left by a run killed mid-round)."""

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from simulations.launch import (APP_DIR, CONNECTION, Managed, exit_on_sigterm, flower_env,
-                                free_port, parse_overrides, stop_processes, toml_overrides,
-                                wait_for_port)
+                                free_port, parse_overrides, run_finished, stop_processes,
+                                toml_overrides, wait_for_port, with_absolute_results)
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        overrides = with_absolute_results(parse_overrides(args.run_config))
+    except ValueError as err:
+        parser.error(str(err))
     exit_on_sigterm()
     budgets = parse_budgets(args.budgets, args.nodes)
     deployment = Deployment(budgets, args.num_partitions, args.flwr_home,
                             certificates=args.certificates, node_auth=args.node_auth,
                             tls=args.tls)
     with deployment:
-        return deployment.run(parse_overrides(args.run_config), args.timeout)
+        code = deployment.run(overrides, args.timeout)
+    if code != 0 or not run_finished(overrides):
+        log.error("the run did not finish (exit code %d): see the ServerApp log above", code)
+        return code or 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -265,11 +265,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return values
 
 
+def with_absolute_results(run_config: Mapping[str, Any], app_dir: Path = APP_DIR) -> dict:
+    """The overrides with ``results-dir`` made absolute: the ServerApp resolves a relative one
+    against the SuperLink's folder (the app folder), not against where this command runs."""
+    results = Path(parse_run_config(run_config).results_dir)
+    return {**run_config, "results-dir": str(results if results.is_absolute() else app_dir / results)}
+
+
+def run_store(run_config: Mapping[str, Any]) -> RunStore:
+    """The results folder of the run these (absolute-results) overrides describe."""
+    cfg = parse_run_config(run_config)
+    return RunStore(Path(cfg.results_dir) / cfg.name)
+
+
 def run_finished(run_config: Mapping[str, Any]) -> bool:
     """Whether the run these overrides describe checkpointed its last round."""
     cfg = parse_run_config(run_config)
-    store = RunStore(Path(cfg.results_dir) / cfg.name)
-    return store.checkpoint_round() == cfg.num_rounds
+    path = Path(cfg.results_dir) / cfg.name
+    return path.exists() and run_store(run_config).checkpoint_round() == cfg.num_rounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,11 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = parse_overrides(args.run_config)
     try:
-        parse_run_config(overrides)  # fail before starting anything
+        overrides = with_absolute_results(parse_overrides(args.run_config))  # fail before starting
     except ValueError as err:
         parser.error(str(err))
+    exit_on_sigterm()  # a SIGTERM still stops the SuperLink and everything under it
     with PrivateSuperLink() as link:
         code = link.run(overrides, federation_config(args.supernodes, args.cpus_per_client,
                                                      args.gpus_per_client), args.timeout)
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 def final_table(run_config: Mapping[str, Any]) -> str:
     """The finished run's per-tier accuracy and cost as text."""
     cfg = parse_run_config(run_config)
-    store = RunStore(Path(cfg.results_dir) / cfg.name)
+    store = run_store(run_config)
     table = tier_table(store.read("evaluation"), cfg.num_rounds)
     return (f"\nGlobal model after {cfg.num_rounds} rounds ({store.root}), per budget tier:\n"
             f"{table.to_string(float_format=lambda v: f'{v:.4g}')}")

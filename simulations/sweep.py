@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from fl_maestro.config import RunConfig, parse_run_config
+from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
 from simulations.scenarios import SUPERNODES, Axis, Level, Scenario, get_scenario, label
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 RESERVED = ("results-dir", "run-name", "resume", "seed")  # set by the sweep itself
 # Keys whose change leaves a cell's finished rounds valid (num-rounds is judged by the checkpoint;
 # results-dir changes when a sweep folder is moved).
-KEEPS_RESULTS = ("resume", "num-rounds", "eval-every", "results-dir")
+KEEPS_RESULTS = RESUMABLE_CHANGES
 CELL_FILE = "cell.json"  # axes and federation size of a cell, read by the report
 STALE_FILES = (*(f"{t}.csv" for t in TABLES), "config.json")
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
@@ -370,7 +371,7 @@ def write_sweep_info(out: Path, scenario: Scenario, seeds: Sequence[int]) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run (or list, with --dry-run) a scenario's sweep."""
-    from simulations.launch import parse_overrides
+    from simulations.launch import exit_on_sigterm, parse_overrides
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", help="a name from simulations.scenarios.SCENARIOS")
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    exit_on_sigterm()
     try:
         scenario = apply_sets(get_scenario(args.scenario), parse_overrides(args.set))
         seeds = parse_seeds(args.seeds) if args.seeds else list(scenario.seeds)

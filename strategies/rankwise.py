@@ -111,7 +111,7 @@ class RankWiseFedAvg(FedAvg):
             accepted = self._accept(server_round, message)
             if accepted is not None:
                 good.append(accepted)
-        dropped = len(valid) - len(good) + len(failed)
+        dropped = len(self._bytes_down) - len(good)  # bad, failed or never answered
         self.dropped_total += dropped
         if not good:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)

@@ -19,12 +19,14 @@ def _overrides(tmp_path, **extra) -> dict:
 
 def test_node_config_budget_overrides_the_device_mix(tmp_path):
     overrides = _overrides(tmp_path, **{"clients-per-round": 4})
-    # A deployment sets each SuperNode's budget in its node config; here every node says 0.25.
-    grid = InProcessGrid(4, overrides, node_configs={i: {"budget": 0.25} for i in range(4)})
-    run_federation(grid, parse_run_config(overrides))
+    # A deployment sets each SuperNode's budget in its node config: 0.5 is no tier of the mix.
+    grid = InProcessGrid(4, overrides, node_configs={i: {"budget": 0.5} for i in range(4)})
+    table = run_federation(grid, parse_run_config(overrides))
     clients = RunStore(tmp_path / "run").read("clients")
-    assert set(clients["budget"]) == {0.25}
+    assert set(clients["budget"]) == {0.5}
     assert clients["bytes-down"].nunique() == 1
+    assert 0.5 in table.index  # deployed budgets are evaluated as tiers too
+    assert clients["val-accuracy"].between(0, 1).all() and (clients["val-examples"] > 0).all()
 
 
 def test_tiers_get_their_ranks_and_the_table_has_every_tier(tmp_path):

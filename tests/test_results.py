@@ -165,3 +165,21 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path,
     rnd, loaded, _ = reopened.load_checkpoint()
     assert rnd == 2
     _assert_same(loaded, _arrays(1.0))
+
+
+def test_append_with_new_columns_keeps_every_column(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    store.append("rounds", [{"round": 1, "dropped": 3}])  # a round with no usable reply
+    store.append("rounds", [{"round": 2, "dropped": 0, "train-loss": 0.5}])
+    frame = store.read("rounds")
+    assert list(frame["round"]) == [1, 2] and frame["train-loss"].iloc[1] == 0.5
+
+
+def test_clear_removes_a_dead_runs_leftovers(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    store.append("evaluation", [{"round": 0, "kind": "tier", "level": 1.0, "metric": "accuracy",
+                                 "value": 0.1}])
+    store.save_checkpoint(1, {"a": np.zeros(2, np.float32)}, {})
+    store.clear()
+    assert store.read("evaluation").empty and not store.has_checkpoint()
+    assert not list(tmp_path.glob("checkpoint-*"))
