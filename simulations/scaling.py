@@ -163,7 +163,7 @@ def top(values: dict[str, float], n: int = 6) -> str:
     return "; ".join(f"{name}={value:.0f}" for name, value in ranked)
 
 
-EVENTS = {"discovered": re.compile(r"discovered (\d+) nodes"),
+EVENTS = {"discovered": re.compile(r"discovered (\d+) of \1 nodes"),  # the last chunk
           "round": re.compile(r"round (\d+)/(\d+) done")}
 
 
