@@ -210,9 +210,12 @@ def _signal(processes: Sequence[subprocess.Popen], home: Path, sig: int) -> None
             pass
 
 
-def processes_with_home(home: Path) -> list[int]:
-    """PIDs of live processes whose environment has ``FLWR_HOME=home`` (Linux /proc)."""
-    marker = b"\0" + f"FLWR_HOME={home}".encode() + b"\0"
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs of live processes whose environment has ``name=value`` (Linux /proc).
+
+    This process and its ancestors are never listed, so a caller cannot kill itself.
+    """
+    marker = b"\0" + f"{name}={value}".encode() + b"\0"
     spared = _ancestors()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -223,6 +226,11 @@ def processes_with_home(home: Path) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def processes_with_home(home: Path) -> list[int]:
+    """PIDs of live processes started under this ``FLWR_HOME``."""
+    return processes_with_env("FLWR_HOME", str(home))
 
 
 def _ancestors() -> set[int]:

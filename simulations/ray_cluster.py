@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from simulations.launch import (Managed, PrivateSuperLink, exit_on_sigterm, federation_config,
-                                free_port, parse_overrides, run_finished, wait_for_port,
-                                with_absolute_results)
+                                free_port, parse_overrides, processes_with_env, run_finished,
+                                wait_for_port, with_absolute_results)
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,8 @@ print(json.dumps([{"class": a["ActorClassName"], "node": a["Address"]["NodeID"],
 
 
 def processes_with_marker(value: str) -> list[int]:
-    """PIDs of live processes whose environment has ``MARKER=value`` (Linux /proc), never ours."""
-    marker = b"\0" + f"{MARKER}={value}".encode() + b"\0"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in b"\0" + (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+    """PIDs of live processes started with ``MARKER=value`` in their environment, never ours."""
+    return processes_with_env(MARKER, value)
 
 
 class RayCluster(Managed):

@@ -308,7 +308,7 @@ class FlowerCells:
     alive inside the SuperLink, so the next cell gets a fresh one.
     """
 
-    def __init__(self, cpus_per_client: float = 1, timeout: float | None = None) -> None:
+    def __init__(self, cpus_per_client: int = 1, timeout: float | None = None) -> None:
         self.cpus_per_client, self.timeout = cpus_per_client, timeout
         self.link = None
 
@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", help="comma-separated seeds (default: the scenario's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="run-config override for every cell, or pin an axis (repeatable)")
-    parser.add_argument("--cpus-per-client", type=float, default=1)
+    parser.add_argument("--cpus-per-client", type=int, default=1,
+                        help="CPUs per client actor (Flower takes an integer)")
     parser.add_argument("--timeout", type=float, help="seconds one cell may run")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state")
     args = parser.parse_args(argv)
