@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 
 import numpy as np
 
@@ -21,8 +22,8 @@ ALLOCATIONS = ("uniform", "importance")
 
 def check_budget(budget: float) -> float:
     """Return ``budget`` as a float if it lies in (0, 1], else raise ValueError."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(f"budget {budget!r} is out of range: allowed (0, 1]")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < budget <= 1:
+        raise ValueError(f"budget {budget!r} is out of range: allowed (0, 1]")  # NaN too
     return float(budget)
 
 

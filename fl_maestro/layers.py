@@ -13,6 +13,7 @@ writes only the prefix, which is what makes small ranks proportionally cheap.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ def _rank_major(rows: int, rank: int, **factory) -> nn.Parameter:
 
 def _check_rank(rank: int, max_rank: int, what: str = "rank") -> int:
     """Return ``rank`` as an int if ``1 <= rank <= max_rank``, else raise ValueError."""
-    if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= max_rank:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Real) or int(rank) != rank \
+            or not 1 <= rank <= max_rank:
         raise ValueError(f"{what}={rank!r} is out of range: allowed 1..{max_rank}")
     return int(rank)
 
@@ -217,8 +219,9 @@ class LowRankConv2d(LowRankLayer):
         """A factorised copy of a square-kernel, ungrouped ``module``, initialised by SVD."""
         k, s, p = module.kernel_size, module.stride, module.padding
         if k[0] != k[1] or s[0] != s[1] or isinstance(p, str) or p[0] != p[1] \
-                or module.groups != 1 or module.dilation != (1, 1):
-            raise ValueError(f"from_dense supports square, ungrouped, undilated convs; got {module}")
+                or module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros":
+            raise ValueError("from_dense supports square, ungrouped, undilated, zero-padded convs; "
+                             f"got {module}")
         layer = cls(module.in_channels, module.out_channels, k[0], s[0], p[0], max_rank,
                     module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
         layer.set_dense_weight(module.weight.detach())

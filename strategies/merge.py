@@ -195,6 +195,12 @@ def _check_factor_ranks(global_arrays: ArrayMap, arrays: ArrayMap) -> None:
 def merge_nested(global_arrays: ArrayMap, replies: Replies) -> Arrays:
     """Per element, the weighted mean of the replies covering it; uncovered elements stay."""
     replies = list(replies)  # walked once per array, so a generator must not run dry
+    for arrays, weight in replies:
+        if not (isinstance(weight, numbers.Real) and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"reply weight {weight!r} is not allowed: use a finite number > 0")
+        missing = set(global_arrays) - set(arrays)
+        if missing:
+            raise ValueError(f"a reply lacks the arrays {sorted(missing)}")
     return {name: _merge_array(name, g, replies) for name, g in global_arrays.items()}
 
 

@@ -225,3 +225,7 @@ def test_hand_counts_used_above() -> None:
     assert 225_792 + 68_992 + 3_264 + 1_280 == 299_328 and math.isclose(299_328 / 5_060_352, 0.0592,
                                                                           abs_tol=1e-4)
     assert 320 + (352 + 64) + (3_264 + 128) + 1_290 == 5_418
+
+
+def test_numpy_budgets_are_numbers_too() -> None:
+    assert check_budget(np.float32(0.5)) == 0.5

@@ -324,3 +324,16 @@ def test_corner_arrays_and_slice_corner() -> None:
     for bad in ({"w": (4, 4)}, {"w": (3,)}, {"w": (0, 2)}, {"x": (1,)}):
         with pytest.raises(ValueError):
             corner_arrays(g, bad)
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_merge_refuses_a_weight_that_is_not_positive_and_finite(weight) -> None:
+    g = {"a": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match="weight"):
+        merge_nested(g, [({"a": np.ones(2, np.float32)}, weight)])
+
+
+def test_merge_refuses_a_reply_missing_an_array() -> None:
+    g = {"a": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
+    with pytest.raises(ValueError, match="'b'"):
+        merge_nested(g, [({"a": np.ones(2, np.float32)}, 1.0)])
