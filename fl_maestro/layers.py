@@ -25,7 +25,7 @@ def _rank_major(rows: int, rank: int, **factory) -> nn.Parameter:
     return nn.Parameter(torch.empty(rank, rows, **factory).t())
 
 
-def _check_rank(rank: int, max_rank: int, what: str = "rank") -> int:
+def check_rank(rank: int, max_rank: int, what: str = "rank") -> int:
     """Return ``rank`` as an int if ``1 <= rank <= max_rank``, else raise ValueError."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Real) or int(rank) != rank \
             or not 1 <= rank <= max_rank:
@@ -48,7 +48,7 @@ class LowRankLayer(nn.Module):
     def _init_factors(self, v_tail: tuple[int, ...], max_rank: int | None, bias: bool, factory) -> None:
         """Create ``U``, ``V`` and ``bias`` with room for ``max_rank`` components."""
         full = min(self.out_features, self.fan_in)
-        max_rank = full if max_rank is None else _check_rank(max_rank, full, "max_rank")
+        max_rank = full if max_rank is None else check_rank(max_rank, full, "max_rank")
         self.U = _rank_major(self.out_features, max_rank, **factory)
         self.V = nn.Parameter(torch.empty(max_rank, *v_tail, **factory))
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
@@ -62,7 +62,7 @@ class LowRankLayer(nn.Module):
 
     def set_rank(self, rank: int) -> None:
         """Run the layer on its first ``rank`` components (1 <= rank <= max_rank)."""
-        self.rank = _check_rank(rank, self.max_rank)
+        self.rank = check_rank(rank, self.max_rank)
 
     def reset_parameters(self) -> None:
         """Initialise as the SVD factors of a dense layer drawn with PyTorch's default init."""
@@ -92,7 +92,7 @@ class LowRankLayer(nn.Module):
     @torch.no_grad()
     def truncate(self, max_rank: int) -> None:
         """Keep only the first ``max_rank`` components (the layer's new maximum rank)."""
-        max_rank = _check_rank(max_rank, self.max_rank, "max_rank")
+        max_rank = check_rank(max_rank, self.max_rank, "max_rank")
         u = _rank_major(self.out_features, max_rank, device=self.U.device, dtype=self.U.dtype)
         u.data.copy_(self.U[:, :max_rank])
         self.U = u
@@ -101,7 +101,7 @@ class LowRankLayer(nn.Module):
 
     def composed_weight(self, rank: int | None = None) -> torch.Tensor:
         """The dense weight ``U[:, :r] @ V[:r]`` in the dense layer's shape."""
-        r = self.rank if rank is None else _check_rank(rank, self.max_rank)
+        r = self.rank if rank is None else check_rank(rank, self.max_rank)
         return (self.u_prefix(r) @ self.V[:r].reshape(r, -1)).reshape(self.dense_weight_shape)
 
     def u_prefix(self, rank: int) -> torch.Tensor:
@@ -118,12 +118,12 @@ class LowRankLayer(nn.Module):
 
     def params(self, rank: int | None = None) -> int:
         """Parameters used at ``rank`` (default: the active rank), bias included."""
-        r = self.rank if rank is None else _check_rank(rank, self.max_rank)
+        r = self.rank if rank is None else check_rank(rank, self.max_rank)
         return r * (self.fan_in + self.out_features) + self._bias_size()
 
     def macs(self, rank: int | None = None, positions: int = 1) -> int:
         """Multiply-accumulates per sample at ``rank``; ``positions`` = output pixels of a conv."""
-        r = self.rank if rank is None else _check_rank(rank, self.max_rank)
+        r = self.rank if rank is None else check_rank(rank, self.max_rank)
         return r * (self.fan_in + self.out_features) * positions
 
     def dense_params(self) -> int:

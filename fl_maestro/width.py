@@ -7,7 +7,7 @@ read from the input itself: it computes with ``weight[:rank, :x.shape[1]]``. So 
 keeps state from another, and every array is cut as a leading corner, which is all the nested merge
 (``strategies.merge``) needs. The classifier keeps its full output and only slices its input.
 
-``training.train`` (with ``weight_decay=0``), ``evaluate``, ``budgets.ranks_for_budget(...,
+``training.train``, ``evaluate``, ``budgets.ranks_for_budget(...,
 "uniform")``, ``merge_nested`` and ``corner_arrays`` work on these models unchanged. A layer's cost
 depends on the active width of the layer before it, so costs and slice shapes come from a forward
 traced on the ``meta`` device at the asked ranks.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fl_maestro.layers import _check_rank
+from fl_maestro.layers import check_rank
 from fl_maestro.models import COST_KINDS, RankedModel, at_ranks
 
 Shape = tuple[int, ...]
@@ -34,7 +34,7 @@ class NotFactorised(AttributeError, ValueError):
     """Asked a width layer for ordered factors ``U`` / ``V``, which it does not have.
 
     An AttributeError so ``hasattr`` stays False; a ValueError so factor-only features (importance
-    allocation, HGL, factor weight decay) fail on width models with this message, not a bare one.
+    allocation, HGL, shrinking) fail on width models with this message, not a bare one.
     """
 
 
@@ -53,7 +53,7 @@ class WidthLayer:
 
     def set_rank(self, rank: int) -> None:
         """Run the first ``rank`` output channels (1..max_rank; only max_rank if not sliceable)."""
-        rank = _check_rank(rank, self.max_rank)
+        rank = check_rank(rank, self.max_rank)
         if not self.sliceable_out and rank != self.max_rank:
             raise ValueError(f"rank={rank!r}: the output is not sliceable, only {self.max_rank}")
         self.rank = rank
@@ -82,9 +82,9 @@ class WidthLayer:
         return self.weight.numel() * positions
 
     def _active(self, rank: int | None, in_width: int | None) -> tuple[int, int]:
-        r = self.rank if rank is None else _check_rank(rank, self.max_rank)
+        r = self.rank if rank is None else check_rank(rank, self.max_rank)
         held_in = self.weight.shape[1]
-        return r, held_in if in_width is None else _check_rank(in_width, held_in, "in_width")
+        return r, held_in if in_width is None else check_rank(in_width, held_in, "in_width")
 
     def __getattr__(self, name: str):
         if name in ("U", "V"):
@@ -262,7 +262,7 @@ def _resolve_widths(full: Mapping[str, int], widths: Mapping[str, int] | None) -
     unknown = sorted(set(widths) - set(full))
     if unknown:
         raise ValueError(f"widths name unknown layers {unknown}; layers are {sorted(full)}")
-    return {n: _check_rank(widths.get(n, f), f, f"width of {n!r}") for n, f in full.items()}
+    return {n: check_rank(widths.get(n, f), f, f"width of {n!r}") for n, f in full.items()}
 
 
 class WidthMLP(WidthModel):
