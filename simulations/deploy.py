@@ -25,9 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.launch import (APP_DIR, CONNECTION, Managed, exit_on_sigterm, flower_env,
-                                free_port, parse_overrides, run_finished, stop_processes,
-                                toml_overrides, wait_for_port, with_absolute_results)
+from simulations.launch import (APP_DIR, CONNECTION, Managed, flower_env, free_port, judge,
+                                start_command, stop_processes, toml_overrides, wait_for_port)
 
 log = logging.getLogger(__name__)
 
@@ -247,22 +246,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="SuperNode authentication: a registered key pair per node (needs TLS)")
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        overrides = with_absolute_results(parse_overrides(args.run_config))
-    except ValueError as err:
-        parser.error(str(err))
-    exit_on_sigterm()
+    overrides = start_command(parser, args.run_config)
     budgets = parse_budgets(args.budgets, args.nodes)
     deployment = Deployment(budgets, args.num_partitions, args.flwr_home,
                             certificates=args.certificates, node_auth=args.node_auth,
                             tls=args.tls)
     with deployment:
         code = deployment.run(overrides, args.timeout)
-    if code != 0 or not run_finished(overrides):
-        log.error("the run did not finish (exit code %d): see the ServerApp log above", code)
-        return code or 1
-    return 0
+    return judge(code, overrides)
 
 
 if __name__ == "__main__":

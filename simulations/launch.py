@@ -293,6 +293,27 @@ def run_finished(run_config: Mapping[str, Any]) -> bool:
     return path.exists() and run_store(run_config).checkpoint_round() == cfg.num_rounds
 
 
+def start_command(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """Shared start of the run commands: log to stderr, validate the overrides before anything
+    starts (``parser.error`` names the bad key), and make SIGTERM run the clean-up."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        overrides = with_absolute_results(parse_overrides(items))
+    except ValueError as err:
+        parser.error(str(err))
+    exit_on_sigterm()  # a SIGTERM still stops every process the command started
+    return overrides
+
+
+def judge(code: int, run_config: Mapping[str, Any]) -> int:
+    """The command's exit code: 0 only if ``flwr run`` succeeded and the run has all its rounds."""
+    if code != 0 or not run_finished(run_config):
+        log.error("the run did not finish (flwr run exit code %d): see the ServerApp log above",
+                  code)
+        return code or 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: one simulation on a private SuperLink, then its per-tier table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -304,21 +325,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="key=value run-config override (repeatable)")
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        overrides = with_absolute_results(parse_overrides(args.run_config))  # fail before starting
-    except ValueError as err:
-        parser.error(str(err))
-    exit_on_sigterm()  # a SIGTERM still stops the SuperLink and everything under it
+    overrides = start_command(parser, args.run_config)
     with PrivateSuperLink() as link:
         code = link.run(overrides, federation_config(args.supernodes, args.cpus_per_client,
                                                      args.gpus_per_client), args.timeout)
-    if code != 0 or not run_finished(overrides):
-        log.error("the run did not finish (flwr run exit code %d): see the ServerApp log above",
-                  code)
-        return code or 1
-    print(final_table(overrides))
-    return 0
+    verdict = judge(code, overrides)
+    if verdict == 0:
+        print(final_table(overrides))
+    return verdict
 
 
 def final_table(run_config: Mapping[str, Any]) -> str:

@@ -30,9 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from simulations.launch import (Managed, PrivateSuperLink, exit_on_sigterm, federation_config,
-                                free_port, parse_overrides, processes_with_env, run_finished,
-                                wait_for_port, with_absolute_results)
+from simulations.launch import (Managed, PrivateSuperLink, federation_config, free_port, judge,
+                                processes_with_env, start_command, wait_for_port)
 
 log = logging.getLogger(__name__)
 
@@ -205,20 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="key=value run-config override (repeatable)")
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        overrides = with_absolute_results(parse_overrides(args.run_config))
-    except ValueError as err:
-        parser.error(str(err))
-    exit_on_sigterm()
+    overrides = start_command(parser, args.run_config)
     with RayCluster(args.workers, args.cpus_per_node) as cluster:
         code = run_on_cluster(cluster, overrides, args.supernodes, timeout=args.timeout)
         used = {a["node"] for a in cluster.actors() if a["class"] == "ClientAppActor"}
         log.info("client actors ran on %d of %d nodes", len(used), 1 + args.workers)
-    if code != 0 or not run_finished(overrides):
-        log.error("the run did not finish (exit code %d): see the ServerApp log above", code)
-        return code or 1
-    return 0
+    return judge(code, overrides)
 
 
 if __name__ == "__main__":
