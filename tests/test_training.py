@@ -24,11 +24,6 @@ from fl_maestro.shrinking import (
 from fl_maestro.training import evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)  # model init draws from the global generator
-
-
 def _hand_layer() -> LowRankLinear:
     """U = [[3, 0], [4, 1]] (columns' squared norms 25, 1), V = [[0, 3], [0, 4]] (rows' 9, 16)."""
     layer = LowRankLinear(2, 2, bias=False)

@@ -25,11 +25,6 @@ from fl_maestro.width import (
 from strategies.merge import check_reply, corner_arrays, merge_nested
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)  # model init draws from the global generator
-
-
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
