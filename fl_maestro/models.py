@@ -38,13 +38,18 @@ class RankedModel(nn.Module):
         """Each layer's active rank."""
         return {n: m.rank for n, m in self.low_rank_layers().items()}
 
+    def _named(self, ranks: Mapping[str, int]) -> list[tuple[LowRankLayer, int]]:
+        """(layer, rank) pairs for a ``{layer_name: rank}`` dict; unknown names are a ValueError."""
+        layers = self.low_rank_layers()
+        unknown = sorted(set(ranks) - set(layers))
+        if unknown:
+            raise ValueError(f"unknown low-rank layer {unknown[0]!r}; layers are {sorted(layers)}")
+        return [(layers[name], rank) for name, rank in ranks.items()]
+
     def set_ranks(self, ranks: Mapping[str, int]) -> None:
         """Set the active rank of the named layers; layers not named keep theirs."""
-        layers = self.low_rank_layers()
-        for name, rank in ranks.items():
-            if name not in layers:
-                raise ValueError(f"unknown low-rank layer {name!r}; layers are {sorted(layers)}")
-            layers[name].set_rank(rank)
+        for layer, rank in self._named(ranks):
+            layer.set_rank(rank)
 
     def reset_ranks(self) -> None:
         """Run every layer at its maximum rank."""
@@ -52,11 +57,8 @@ class RankedModel(nn.Module):
 
     def truncate(self, ranks: Mapping[str, int]) -> None:
         """Keep only the first ``ranks[name]`` components of the named layers (new maximum ranks)."""
-        layers = self.low_rank_layers()
-        for name, rank in ranks.items():
-            if name not in layers:
-                raise ValueError(f"unknown low-rank layer {name!r}; layers are {sorted(layers)}")
-            layers[name].truncate(rank)
+        for layer, rank in self._named(ranks):
+            layer.truncate(rank)
 
     def slice_shapes(self, ranks: Mapping[str, int] | None = None) -> dict[str, tuple[int, ...]]:
         """State-dict shapes of the slice at ``ranks``: ``U`` cut on axis 1, ``V`` on 0, rest whole."""
