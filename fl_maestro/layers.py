@@ -25,6 +25,17 @@ def _rank_major(rows: int, rank: int, **factory) -> nn.Parameter:
     return nn.Parameter(torch.empty(rank, rows, **factory).t())
 
 
+def leading(tensor: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """``tensor[:sizes[0], :sizes[1], ...]``, or ``tensor`` itself when that is the whole of it.
+
+    Slicing even the whole of a tensor costs autograd a zero-filled full-size gradient and a copy
+    on every backward pass, so the whole tensor is never sliced.
+    """
+    if all(s == n for s, n in zip(sizes, tensor.shape)):
+        return tensor
+    return tensor[tuple(slice(0, s) for s in sizes)]
+
+
 def check_rank(rank: int, max_rank: int, what: str = "rank") -> int:
     """Return ``rank`` as an int if ``1 <= rank <= max_rank``, else raise ValueError."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Real) or int(rank) != rank \
@@ -102,7 +113,7 @@ class LowRankLayer(nn.Module):
     def composed_weight(self, rank: int | None = None) -> torch.Tensor:
         """The dense weight ``U[:, :r] @ V[:r]`` in the dense layer's shape."""
         r = self.rank if rank is None else check_rank(rank, self.max_rank)
-        return (self.u_prefix(r) @ self.V[:r].reshape(r, -1)).reshape(self.dense_weight_shape)
+        return (self.u_prefix(r) @ self.v_prefix(r).reshape(r, -1)).reshape(self.dense_weight_shape)
 
     def u_prefix(self, rank: int) -> torch.Tensor:
         """``U[:, :rank]``, sliced through U's rank-major memory so its gradient keeps U's layout.
@@ -110,7 +121,11 @@ class LowRankLayer(nn.Module):
         Slicing the out x R view directly makes autograd build a row-major full-size gradient that
         must then be transposed into ``U.grad``: a strided full-size copy on every step.
         """
-        return self.U.t()[:rank].t()
+        return leading(self.U.t(), rank).t()
+
+    def v_prefix(self, rank: int) -> torch.Tensor:
+        """``V[:rank]``."""
+        return leading(self.V, rank)
 
     @property
     def dense_weight_shape(self) -> tuple[int, ...]:
@@ -165,7 +180,7 @@ class LowRankLinear(LowRankLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
-        return F.linear(F.linear(x, self.V[:r]), self.u_prefix(r), self.bias)
+        return F.linear(F.linear(x, self.v_prefix(r)), self.u_prefix(r), self.bias)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, max_rank: int | None = None) -> LowRankLinear:
@@ -211,7 +226,7 @@ class LowRankConv2d(LowRankLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
-        inner = F.conv2d(x, self.V[:r], None, self.stride, self.padding)
+        inner = F.conv2d(x, self.v_prefix(r), None, self.stride, self.padding)
         return F.conv2d(inner, self.u_prefix(r)[:, :, None, None], self.bias)
 
     @classmethod

@@ -4,8 +4,11 @@
 the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
 ``CE(full pass, y) + CE(sampled pass, softmax(full pass).detach())``, "full" meaning the client's
 maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. ``hgl_lambda`` adds the
-hierarchical group lasso. Components past the client's maximum ranks are never changed: they get no
-gradient, and weight decay is applied to the trained prefix only.
+hierarchical group lasso.
+
+Each step reads and writes only the components it trains (``fl_maestro.optim``): the client's
+maximum ranks with the self-distilling loss or HGL, the sampled prefix in plain ordered dropout.
+Components past the client's maximum ranks are never changed, weight decay and momentum included.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_maestro.models import RankedModel, at_ranks
+from fl_maestro.optim import CornerSGD, corner_view
 from fl_maestro.sampling import Sampler, get_sampler
 from fl_maestro.shrinking import hgl_penalty
 
@@ -41,7 +45,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     model.set_ranks(max_ranks)  # validates the ranks
     draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
     rng = np.random.default_rng(0) if rng is None else rng
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    optimizer = CornerSGD(model, lr, momentum, weight_decay)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
     start, steps, macs = time.perf_counter(), 0, 0
@@ -51,11 +55,11 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             ranks = draw(max_ranks, rng)
-            loss, logits = _step_loss(model, x, y, max_ranks, ranks, distill, hgl_lambda)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _decay_prefix(model, max_ranks, weight_decay)
-            optimizer.step()
+            trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
+            with corner_view(model, model.slice_shapes(trained)):
+                loss, logits = _step_loss(model, x, y, max_ranks, ranks, distill, hgl_lambda)
+                loss.backward()
+                optimizer.step()
             steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -87,18 +91,6 @@ def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: 
     if hgl_lambda > 0:
         loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks)
     return loss, logits
-
-
-@torch.no_grad()
-def _decay_prefix(model: RankedModel, max_ranks: Mapping[str, int], weight_decay: float) -> None:
-    """Add L2 weight decay to the gradient of every parameter's trained leading corner."""
-    if weight_decay == 0:
-        return
-    shapes = model.slice_shapes(max_ranks)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            corner = tuple(slice(0, a) for a in shapes[name])
-            p.grad[corner].add_(p[corner], alpha=weight_decay)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fl_maestro.layers import check_rank
+from fl_maestro.layers import check_rank, leading
 from fl_maestro.models import COST_KINDS, RankedModel, at_ranks
 
 Shape = tuple[int, ...]
@@ -110,8 +110,8 @@ class WidthLinear(WidthLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
-        bias = None if self.bias is None else self.bias[:r]
-        return F.linear(x, self.weight[:r, : x.shape[-1]], bias)
+        bias = None if self.bias is None else leading(self.bias, r)
+        return F.linear(x, leading(self.weight, r, x.shape[-1]), bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, sliceable_out={self.sliceable_out}"
@@ -133,8 +133,8 @@ class WidthConv2d(WidthLayer, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
-        bias = None if self.bias is None else self.bias[:r]
-        return F.conv2d(x, self.weight[:r, : x.shape[1]], bias, self.stride, self.padding)
+        bias = None if self.bias is None else leading(self.bias, r)
+        return F.conv2d(x, leading(self.weight, r, x.shape[1]), bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fl_maestro.layers import LowRankConv2d, LowRankLinear
+from fl_maestro.layers import LowRankConv2d, LowRankLinear, leading
 
 
 @pytest.fixture(autouse=True)
@@ -209,15 +209,20 @@ def test_u_is_rank_major_and_stays_so() -> None:
 @pytest.mark.parametrize(("make", "x"), [(lambda: LowRankLinear(10, 6), (4, 10)),
                                          (lambda: LowRankConv2d(3, 8, 3, padding=1), (2, 3, 5, 5))])
 def test_u_gradient_arrives_in_u_layout(make, x: tuple[int, ...]) -> None:
-    """The gradient autograd hands to U already has U's rank-major strides at any rank, so
-    accumulating it is a plain add, not a full-size transposing copy on every step."""
+    """Below full rank, the gradient autograd hands to U already has U's rank-major strides, so
+    accumulating it is a plain add, not a full-size transposing copy on every step. At any rank
+    ``U.grad`` ends up in U's layout."""
     layer = make()
     arrived = []
     layer.U.register_hook(lambda grad: arrived.append(grad.stride()))
-    for r in (2, layer.max_rank):
+    for r in (2, 3):
         layer.set_rank(r)
         layer(_randn(*x)).sum().backward()
     assert arrived == [layer.U.stride()] * 2
+    layer.U.grad = None
+    layer.set_rank(layer.max_rank)
+    layer(_randn(*x)).sum().backward()
+    assert layer.U.grad.stride() == layer.U.stride()
 
 
 def test_meta_layer_truncates_and_materialises_rank_major() -> None:
@@ -262,3 +267,9 @@ def test_conv_costs_by_hand() -> None:
 def test_cost_rejects_bad_rank() -> None:
     with pytest.raises(ValueError, match=r"rank=7"):
         LowRankLinear(10, 6).macs(7)
+
+
+def test_leading_slices_a_corner_and_never_the_whole_tensor() -> None:
+    t = _randn(4, 5, 3)
+    assert leading(t, 4, 5, 3) is t and leading(t, 4) is t  # a whole slice would cost a copy
+    assert torch.equal(leading(t, 2, 5), t[:2]) and torch.equal(leading(t, 4, 1, 2), t[:, :1, :2])
