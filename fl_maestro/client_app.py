@@ -17,6 +17,7 @@ from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
 from fl_maestro.models import model_arrays
 from fl_maestro.plans import local_sampler, model_for
+from fl_maestro.runtime import keep_freed_memory
 from fl_maestro.training import evaluate, train
 from strategies.records import to_numpy, to_record
 
@@ -59,6 +60,7 @@ def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server
 @app.train()
 def train_prefix(msg: Message, context: Context) -> Message:
     """Train the received prefix with ordered dropout and return it with metrics."""
+    keep_freed_memory()
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = node_identity(context)
     server_round = int(msg.content["config"]["server-round"])

@@ -24,14 +24,17 @@ import time
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
-from flwr_datasets.partitioner import (
-    DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner,
-)
 from torch.utils.data import DataLoader, TensorDataset
+
+from fl_maestro.cache import cached_arrays
+
+if TYPE_CHECKING:  # imported where partitions are made: ~1 s of imports the ServerApp never needs
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +148,16 @@ def _freeze(*arrays: np.ndarray) -> DatasetArrays:
 
 @functools.lru_cache(maxsize=4)
 def _load_fashion_mnist_cached(root: str) -> DatasetArrays:
-    """Decode Fashion-MNIST from ``root`` once per process."""
+    """Fashion-MNIST from ``root``, decoded once per machine (``fl_maestro.cache``) and per process."""
     start = time.perf_counter()
     paths = _fashion_mnist_paths(Path(root))
+    arrays = cached_arrays("fashion-mnist", [paths[k] for k in sorted(paths)],
+                           lambda: _decode_fashion_mnist(paths, root))
+    logger.info("Loaded Fashion-MNIST from %s in %.1f s", root, time.perf_counter() - start)
+    return _freeze(*arrays)
+
+
+def _decode_fashion_mnist(paths: dict[str, Path], root: str) -> list[np.ndarray]:
     arrays = []
     for split in ("train", "test"):
         images = read_idx(paths[f"{split}_images"], IDX_IMAGES_MAGIC)
@@ -159,8 +169,7 @@ def _load_fashion_mnist_cached(root: str) -> DatasetArrays:
             )
         images = _normalise(images[:, None], 255.0, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
         arrays += [images, labels]
-    logger.info("Loaded Fashion-MNIST from %s in %.1f s", root, time.perf_counter() - start)
-    return _freeze(*arrays)
+    return arrays
 
 
 def load_fashion_mnist(root: str | Path = FASHION_MNIST_ROOT) -> DatasetArrays:
@@ -326,6 +335,8 @@ def _dirichlet_partitions(
     ds: datasets.Dataset, num_partitions: int, alpha: float, seed: int
 ) -> list[np.ndarray]:
     """Dirichlet label skew, relaxing the minimum partition size when it cannot be met."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     for min_size in DIRICHLET_MIN_PARTITION_SIZES:
         partitioner = DirichletPartitioner(
             num_partitions, partition_by="label", alpha=alpha,
@@ -351,6 +362,9 @@ def partition_indices(
     classes_per_client: int = 2, seed: int = 0,
 ) -> list[np.ndarray]:
     """Split training-set indices into ``num_partitions`` sorted int64 index arrays."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner, PathologicalPartitioner
+
     labels = np.asarray(labels)
     num_classes = len(np.unique(labels))
     _validate_partition_args(

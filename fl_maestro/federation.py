@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_load
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
 from fl_maestro.plans import build_for, is_width, model_for, plan_ranks, takes_part
 from fl_maestro.results import RunStore
+from fl_maestro.runtime import keep_freed_memory
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks
 from fl_maestro.training import evaluate
 from strategies.merge import factor_layer, prefix_arrays
@@ -38,24 +40,45 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every", "results-dir"})
 
 
-def discover_nodes(grid: Grid, timeout: float = 600, chunk: int = 256) -> dict[int, Mapping]:
+class Discovery:
     """Ask every connected node for its partition id, partition count and optional budget.
 
-    Queries go out ``chunk`` at a time: Flower's simulation dispatch rescans every message in
-    flight for every node, so thousands at once cost quadratic time.
+    The first queries go out when the object is made, so nodes (in a simulation: Ray actors
+    loading the ClientApp) answer while the server sets up; ``result()`` collects them. Queries go
+    out ``chunk`` at a time: Flower's simulation dispatch rescans every message in flight for every
+    node, so thousands at once cost quadratic time.
     """
-    node_ids = sorted(grid.get_node_ids())
-    nodes = {}
-    for first in range(0, len(node_ids), chunk):
+
+    def __init__(self, grid: Grid, chunk: int = 256) -> None:
+        self.grid, self.chunk = grid, chunk
+        self.node_ids = sorted(grid.get_node_ids())
+        self._pending = self._ask(self.node_ids[:chunk])
+
+    def _ask(self, node_ids: list[int]) -> set[str]:
         messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                    for n in node_ids[first:first + chunk]]
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe "
-                                   f"itself: {reply.error.reason}")
-            nodes[reply.metadata.src_node_id] = dict(reply.content["node"])
-        log.info("discovered %d of %d nodes", len(nodes), len(node_ids))
-    return nodes
+                    for n in node_ids]
+        return set(self.grid.push_messages(messages)) if messages else set()
+
+    def result(self, timeout: float = 600, poll: float = 0.05) -> dict[int, Mapping]:
+        """Every node's description; nodes silent for ``timeout`` seconds are left out (logged)."""
+        deadline = time.monotonic() + timeout
+        nodes: dict[int, Mapping] = {}
+        for first in range(self.chunk, len(self.node_ids) + self.chunk, self.chunk):
+            while self._pending and time.monotonic() < deadline:
+                for reply in self.grid.pull_messages(self._pending):
+                    self._pending.discard(reply.metadata.reply_to_message_id)
+                    if reply.has_error():
+                        raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe "
+                                           f"itself: {reply.error.reason}")
+                    nodes[reply.metadata.src_node_id] = dict(reply.content["node"])
+                if self._pending:
+                    time.sleep(poll)
+            if self._pending:
+                log.warning("%d nodes did not answer within %.0f s; going on without them",
+                            len(self._pending), timeout)
+            log.info("discovered %d of %d nodes", len(nodes), len(self.node_ids))
+            self._pending = self._ask(self.node_ids[first:first + self.chunk])
+        return nodes
 
 
 def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, float]:
@@ -230,23 +253,60 @@ class Federation:
 
 def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
     """Run every round, writing results as it goes; returns the final per-tier table."""
-    fed = Federation(grid, cfg)
-    fed.set_nodes(discover_nodes(grid))
+    keep_freed_memory()
+    timeline = Timeline()
+    with timeline.phase(0, "set-up"):
+        discovery = Discovery(grid)  # nodes answer while the server sets up
+        fed = Federation(grid, cfg)
+    with timeline.phase(0, "discovery"):
+        fed.set_nodes(discovery.result())
     if fed.start_round == 1:
-        fed.store.append("evaluation", fed.evaluate(0))
+        with timeline.phase(0, "evaluation"):
+            fed.store.append("evaluation", fed.evaluate(0))
+    fed.store.append("timeline", timeline.take())
     started = time.perf_counter()
     for rnd in range(fed.start_round, cfg.num_rounds + 1):
-        row = fed.train_round(rnd)
+        with timeline.phase(rnd, "training"):
+            row = fed.train_round(rnd)
         final = rnd == cfg.num_rounds
         if final or rnd % cfg.eval_every == 0:
-            fed.store.append("evaluation", fed.evaluate(rnd, final=final))
-        fed.store.append("clients", fed.strategy.client_rows)
-        fed.store.append("rounds", [row])
-        fed.checkpoint(rnd)
+            with timeline.phase(rnd, "evaluation"):
+                fed.store.append("evaluation", fed.evaluate(rnd, final=final))
+        with timeline.phase(rnd, "results"):
+            fed.store.append("clients", fed.strategy.client_rows)
+            fed.store.append("rounds", [row])
+            fed.checkpoint(rnd)
+        fed.store.append("timeline", timeline.take())
         _log_progress(fed, rnd, started)
     table = tier_table(fed.store.read("evaluation"), cfg.num_rounds)
     log.info("final global-model accuracy by tier (%s):\n%s", fed.store.root, table.to_string())
     return table
+
+
+class Timeline:
+    """Wall-clock phases of a run, kept as rows for the ``timeline`` table.
+
+    Start times are Unix times, so they line up with what happens outside the ServerApp (the
+    simulation benchmark uses them to tell Flower's start-up and shut-down from the run's own work).
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    @contextmanager
+    def phase(self, server_round: int, name: str) -> Iterator[None]:
+        """Time the block as phase ``name`` of ``server_round`` (0: before the first round)."""
+        start, clock = time.time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.rows.append({"round": server_round, "phase": name, "start": start,
+                              "seconds": time.perf_counter() - clock})
+
+    def take(self) -> list[dict]:
+        """The rows recorded since the last call."""
+        rows, self.rows = self.rows, []
+        return rows
 
 
 def _log_progress(fed: Federation, rnd: int, started: float) -> None:

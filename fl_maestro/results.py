@@ -6,6 +6,7 @@ Layout of ``results/<run>/``:
     clients.csv             one row per client reply: round, partition-id, budget, examples, loss,
                             seconds, MACs, bytes up and down
     rounds.csv              one row per round: training aggregates, dropped replies, wall time
+    timeline.csv            round, phase, start (Unix time), seconds: where the run's time went
     checkpoint-<round>.safetensors  global arrays after the last finished round (no pickle)
     checkpoint.json         round, strategy state and the arrays file of that checkpoint
 
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
-TABLES = ("evaluation", "clients", "rounds")
+TABLES = ("evaluation", "clients", "rounds", "timeline")
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from fl_maestro.layers import LowRankLinear
 from fl_maestro.models import CNN, RankedModel
 from fl_maestro.optim import CornerSGD, corner_view
+from fl_maestro.runtime import keep_freed_memory
 
 log = logging.getLogger("fl_maestro.bench")
 
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the cores this process may use)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    keep_freed_memory()  # as every ServerApp and ClientApp process does
     rows = []
     for threads in sorted({int(t) for t in args.threads.split(",")}):
         torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -74,7 +75,9 @@ class InProcessGrid(Grid):
         """Run each message through the ClientApp now; keep the reply until it is pulled."""
         ids = []
         for message in messages:
-            message_id = message.object_id
+            # Give the message its id as Flower's grids do (no public setter), so the reply's
+            # reply_to_message_id names it.
+            message.metadata.__dict__["_message_id"] = message_id = str(uuid4())
             self._replies[message_id] = self._deliver(message)
             ids.append(message_id)
         return ids

@@ -1,5 +1,8 @@
 """Test-wide settings."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -12,3 +15,13 @@ torch.set_num_threads(1)
 def _seed() -> None:
     """Every test starts from the same torch generator (model init draws from it)."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory):
+    """Decoded datasets go to a cache of the session's own (inherited by the runs tests start),
+    not the user's: tests decode fake datasets under many temporary paths."""
+    folder = tmp_path_factory.mktemp("dataset-cache")
+    os.environ["FL_MAESTRO_CACHE"] = str(folder)
+    yield
+    shutil.rmtree(folder, ignore_errors=True)

@@ -7,7 +7,7 @@ import pytest
 
 from fl_maestro.config import parse_run_config
 from fl_maestro.results import RunStore
-from fl_maestro.federation import run_federation
+from fl_maestro.federation import Discovery, run_federation
 from simulations.inprocess import InProcessGrid
 
 
@@ -72,3 +72,33 @@ def test_resume_continues_to_the_same_model(tmp_path):
     _, b, _ = RunStore(tmp_path / "b" / "run").load_checkpoint()
     for name in a:
         np.testing.assert_allclose(b[name], a[name], atol=1e-6, err_msg=name)
+
+
+def test_discovery_asks_in_chunks_and_finds_every_node() -> None:
+    grid = InProcessGrid(5, {})
+    pushed = []
+    push = grid.push_messages
+    grid.push_messages = lambda messages: pushed.append(len(messages)) or push(messages)
+    discovery = Discovery(grid, chunk=2)
+    assert pushed == [2]  # the first chunk goes out at once, before anyone waits
+    nodes = discovery.result()
+    assert pushed == [2, 2, 1]
+    assert {n: info["partition-id"] for n, info in nodes.items()} == {i + 1: i for i in range(5)}
+    assert {info["num-partitions"] for info in nodes.values()} == {5}
+
+
+def test_discovery_fails_loudly_when_a_node_cannot_describe_itself() -> None:
+    grid = InProcessGrid(2, {}, node_configs={1: {"partition-id": "x"}})
+    with pytest.raises(RuntimeError, match="node 2 failed to describe itself"):
+        Discovery(grid).result()
+
+
+def test_timeline_records_every_phase_of_every_round(tmp_path):
+    overrides = _overrides(tmp_path)
+    run_federation(InProcessGrid(4, overrides), parse_run_config(overrides))
+    timeline = RunStore(tmp_path / "run").read("timeline")
+    assert list(timeline.loc[timeline["round"] == 0, "phase"]) == ["set-up", "discovery", "evaluation"]
+    for rnd in (1, 2):
+        assert list(timeline.loc[timeline["round"] == rnd, "phase"]) == ["training", "evaluation", "results"]
+    assert (timeline["seconds"] >= 0).all()
+    assert timeline["start"].is_monotonic_increasing

@@ -1,0 +1,83 @@
+"""An on-disk cache of decoded datasets, shared by every process of a run.
+
+Each process of a simulation (the ServerApp and every Ray actor) needs the decoded arrays. Decoding
+Fashion-MNIST's gzipped IDX files into normalised float32 takes about 0.9 s of CPU per process;
+with the cache a process maps the ready ``.npy`` files instead, and pages in only the rows it reads.
+
+An entry is a folder of ``.npy`` files named by a key over the source files' paths, sizes and
+modification times (and a format version), so changed sources are decoded afresh. Entries are
+written to a temporary folder and renamed into place, so concurrent writers are safe and a reader
+never sees half an entry. Where the cache folder is not writable, arrays are decoded every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def cache_root() -> Path:
+    """``$FL_MAESTRO_CACHE``, else ``$XDG_CACHE_HOME/fl-maestro``, else ``~/.cache/fl-maestro``."""
+    if os.environ.get("FL_MAESTRO_CACHE"):
+        return Path(os.environ["FL_MAESTRO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fl-maestro"
+
+
+def entry_key(name: str, sources: Sequence[Path]) -> str:
+    """A key that changes when any source file is replaced, resized or touched."""
+    digest = hashlib.sha256(f"{name}:{FORMAT_VERSION}".encode())
+    for path in sources:
+        stat = Path(path).stat()
+        digest.update(f"|{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{name}-{digest.hexdigest()[:16]}"
+
+
+def cached_arrays(name: str, sources: Sequence[Path], decode: Callable[[], Sequence[np.ndarray]],
+                  root: Path | None = None) -> tuple[np.ndarray, ...]:
+    """The arrays ``decode()`` makes from ``sources``, memory-mapped read-only from the cache."""
+    folder = (root or cache_root()) / entry_key(name, sources)
+    if folder.is_dir():
+        try:
+            return _load(folder)
+        except (OSError, ValueError) as err:
+            log.warning("cache entry %s is unreadable (%s); decoding again", folder, err)
+            shutil.rmtree(folder, ignore_errors=True)
+    arrays = tuple(decode())
+    try:
+        _store(folder, arrays)
+        return _load(folder)
+    except OSError as err:
+        log.info("could not cache %s in %s (%s); decoding every time", name, folder.parent, err)
+        return arrays
+
+
+def _load(folder: Path) -> tuple[np.ndarray, ...]:
+    count = int((folder / "count").read_text())
+    return tuple(np.load(folder / f"{i}.npy", mmap_mode="r").view(np.ndarray) for i in range(count))
+
+
+def _store(folder: Path, arrays: Sequence[np.ndarray]) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        for i, array in enumerate(arrays):
+            np.save(tmp / f"{i}.npy", np.ascontiguousarray(array))
+        (tmp / "count").write_text(str(len(arrays)))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # not another writer's finished entry: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
