@@ -253,7 +253,8 @@ class Federation:
 
 def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
     """Run every round, writing results as it goes; returns the final per-tier table."""
-    keep_freed_memory()
+    log.info("server process: %d torch threads, malloc keeps freed memory: %s",
+             torch.get_num_threads(), keep_freed_memory())
     timeline = Timeline()
     with timeline.phase(0, "set-up"):
         discovery = Discovery(grid)  # nodes answer while the server sets up

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.launch import (APP_DIR, CONNECTION, Managed, flower_env, free_port, judge,
+from simulations.launch import (APP_DIR, CONNECTION, Managed, flower_env, free_port, judge, stage_app,
                                 start_command, stop_processes, toml_overrides, wait_for_port)
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,8 @@ class Deployment(Managed):
 
     def run(self, run_config: Mapping[str, Any], timeout: float | None = None) -> int:
         """``flwr run . --stream`` with the given run-config overrides; returns its exit code."""
-        command = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream",
-                   *toml_overrides(run_config)]
+        staged = stage_app(self.app_dir, self.home / "app")  # see stage_app: no .venv walk
+        command = ["flwr", "run", str(staged), CONNECTION, "--stream", *toml_overrides(run_config)]
         log.info("running: %s", " ".join(command))
         try:
             return subprocess.run(command, cwd=self.app_dir, env=self.env, timeout=timeout,
