@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,12 +31,11 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fl_maestro.budgets import parse_mix, ranks_for_budget
-from fl_maestro.config import defaults, parse_run_config
+from fl_maestro.config import defaults
 from fl_maestro.models import build_model, model_arrays
 from fl_maestro.results import RunStore
-from fl_maestro.federation import run_federation
+from fl_maestro.runtime import ALLOCATOR_ENV
 from fl_maestro.server_app import setup_logging
-from simulations.inprocess import InProcessGrid
 from simulations.launch import PrivateSuperLink, federation_config
 from strategies.merge import merge_nested, prefix_arrays
 from strategies.records import to_record
@@ -93,9 +94,11 @@ def bench_overhead(rounds: int, supernodes: int = 100) -> list[dict]:
     """The default experiment through Flower and in one process: wall time and where it went.
 
     Returns one row per phase (plus ``wall``) with both paths' seconds and their difference.
-    ``before-run`` is everything before the ServerApp's run starts (Flower: SuperLink, ``flwr
-    run``, the simulation process, Ray and the ServerApp's imports), ``after-run`` everything after
-    it returns until the launcher is back (Flower: run shut-down, SuperLink stop).
+    Both run as fresh processes started from here (``simulations.launch``'s SuperLink and ``flwr
+    run``; ``python -m simulations.inprocess``), with the same allocator settings. ``before-run``
+    is everything before the federation starts (both: Python and the imports; Flower also the
+    SuperLink, ``flwr run``, the simulation process and Ray), ``after-run`` everything after it
+    returns until the command is done (Flower: the run's shut-down, stopping the SuperLink).
     """
     scratch = Path(tempfile.mkdtemp(prefix="fl-maestro-bench-"))
     try:
@@ -105,9 +108,12 @@ def bench_overhead(rounds: int, supernodes: int = 100) -> list[dict]:
         flower = {"wall": time.time() - start, **_phases(RunStore(scratch / "flower"), start, time.time())}
         if code != 0:
             raise RuntimeError(f"flwr run failed with exit code {code}")
-        overrides = _overrides(scratch, "inprocess", rounds)
+        # The plain loop is a command of its own too, so both sides pay a fresh process's imports.
+        command = [sys.executable, "-m", "simulations.inprocess", "--nodes", str(supernodes),
+                   *(arg for k, v in _overrides(scratch, "inprocess", rounds).items()
+                     for arg in ("-c", f"{k}={v}"))]
         start = time.time()
-        run_federation(InProcessGrid(supernodes, overrides), parse_run_config(overrides))
+        subprocess.run(command, check=True, env={**os.environ, **ALLOCATOR_ENV})
         plain = {"wall": time.time() - start, **_phases(RunStore(scratch / "inprocess"), start, time.time())}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
