@@ -4,20 +4,24 @@ Each process of a simulation (the ServerApp and every Ray actor) needs the decod
 Fashion-MNIST's gzipped IDX files into normalised float32 takes about 0.9 s of CPU per process;
 with the cache a process maps the ready ``.npy`` files instead, and pages in only the rows it reads.
 
-An entry is a folder of ``.npy`` files named by a key over the source files' paths, sizes and
-modification times (and a format version), so changed sources are decoded afresh. Entries are
-written to a temporary folder and renamed into place, so concurrent writers are safe and a reader
-never sees half an entry. Where the cache folder is not writable, arrays are decoded every time.
+An entry is a folder of ``.npy`` files named by a key over the caller's name for the decoding,
+the source files' paths, sizes and modification times, and this module's format version, so
+changed sources or a changed decoding are decoded afresh. Entries are written to a temporary
+folder and renamed into place under a lock, so a reader never sees half an entry. The cache lives
+in ``$FL_MAESTRO_CACHE`` (default ``~/.cache/fl-maestro``; about 220 MB for Fashion-MNIST); where
+it is not writable, each process decodes for itself.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,21 +49,48 @@ def entry_key(name: str, sources: Sequence[Path]) -> str:
 
 def cached_arrays(name: str, sources: Sequence[Path], decode: Callable[[], Sequence[np.ndarray]],
                   root: Path | None = None) -> tuple[np.ndarray, ...]:
-    """The arrays ``decode()`` makes from ``sources``, memory-mapped read-only from the cache."""
-    folder = (root or cache_root()) / entry_key(name, sources)
-    if folder.is_dir():
-        try:
-            return _load(folder)
-        except (OSError, ValueError) as err:
-            log.warning("cache entry %s is unreadable (%s); decoding again", folder, err)
-            shutil.rmtree(folder, ignore_errors=True)
-    arrays = tuple(decode())
+    """The arrays ``decode()`` makes from ``sources``, memory-mapped read-only from the cache.
+
+    ``name`` must change whenever ``decode`` would give other arrays from the same files (put
+    the decoding's version and constants in it). One process decodes while others wait for it
+    (a lock file next to the entry), so a cold cache is decoded once, not once per process.
+    """
+    root = root or cache_root()
+    folder = root / entry_key(name, sources)
+    arrays = None
     try:
-        _store(folder, arrays)
-        return _load(folder)
+        if folder.is_dir():
+            try:
+                return _load(folder)
+            except (ValueError, EOFError) as err:  # a corrupt entry: rebuilt under the lock
+                log.warning("cache entry %s is corrupt (%s); decoding again", folder, err)
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / f"{folder.name}.lock"):
+            if folder.is_dir():
+                try:
+                    return _load(folder)  # another process built it while this one waited
+                except (ValueError, EOFError):
+                    shutil.rmtree(folder)
+            for stale in root.glob(f".{folder.name}.*"):  # left by a writer that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            arrays = tuple(decode())
+            _store(folder, arrays)
+            return _load(folder)
     except OSError as err:
-        log.info("could not cache %s in %s (%s); decoding every time", name, folder.parent, err)
-        return arrays
+        log.info("could not use the cache for %s in %s (%s); decoding in this process",
+                 name, root, err)
+        return arrays if arrays is not None else tuple(decode())
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load(folder: Path) -> tuple[np.ndarray, ...]:

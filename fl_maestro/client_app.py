@@ -76,7 +76,8 @@ def train_prefix(msg: Message, context: Context) -> Message:
     sampler = local_sampler(cfg.strategy, cfg.sampler)
     result = train(model, loader, model.max_ranks(), sampler, cfg.local_epochs, cfg.lr,
                    cfg.momentum, cfg.weight_decay, cfg.distill, cfg.hgl_lambda,
-                   rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]))
+                   rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
+                   optimizer=cfg.optimizer)
     metrics = MetricRecord({
         "num-examples": len(loader.dataset), "train-loss": result["loss"],
         "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],

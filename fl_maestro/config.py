@@ -15,6 +15,7 @@ from typing import Any
 from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS
+from fl_maestro.training import OPTIMIZERS
 from fl_maestro.sampling import SAMPLERS
 
 from fl_maestro.plans import STRATEGIES, WIDTH_STRATEGIES
@@ -91,6 +92,9 @@ KEYS: dict[str, Key] = {
     "lr": Key(0.05, "a number > 0", _number(0, math.inf, True)),
     "momentum": Key(0.9, "a number in [0, 1]", _number(0, 1)),
     "weight-decay": Key(1e-4, "a number >= 0", _number(0, math.inf)),
+    "optimizer": Key("corner", f"one of {OPTIMIZERS} (corner: a step updates only the "
+                     "components it trains, momentum included; sgd: torch.optim.SGD)",
+                     lambda v: v in OPTIMIZERS),
     "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))}", lambda v: v in SAMPLERS),
     "distill": Key(False, "true or false", _is_bool),
     "hgl-lambda": Key(0.0, "a number >= 0", _number(0, math.inf)),
@@ -130,6 +134,7 @@ class RunConfig:
     lr: float
     momentum: float
     weight_decay: float
+    optimizer: str
     sampler: str
     distill: bool
     hgl_lambda: float

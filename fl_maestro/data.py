@@ -151,7 +151,9 @@ def _load_fashion_mnist_cached(root: str) -> DatasetArrays:
     """Fashion-MNIST from ``root``, decoded once per machine (``fl_maestro.cache``) and per process."""
     start = time.perf_counter()
     paths = _fashion_mnist_paths(Path(root))
-    arrays = cached_arrays("fashion-mnist", [paths[k] for k in sorted(paths)],
+    # The name carries everything the decoding depends on besides the files themselves.
+    name = f"fashion-mnist-v1-{FASHION_MNIST_MEAN}-{FASHION_MNIST_STD}"
+    arrays = cached_arrays(name, [paths[k] for k in sorted(paths)],
                            lambda: _decode_fashion_mnist(paths, root))
     logger.info("Loaded Fashion-MNIST from %s in %.1f s", root, time.perf_counter() - start)
     return _freeze(*arrays)

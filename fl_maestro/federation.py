@@ -27,7 +27,6 @@ from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_load
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
 from fl_maestro.plans import build_for, is_width, model_for, plan_ranks, takes_part
 from fl_maestro.results import RunStore
-from fl_maestro.runtime import keep_freed_memory
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks
 from fl_maestro.training import evaluate
 from strategies.merge import factor_layer, prefix_arrays
@@ -60,10 +59,11 @@ class Discovery:
         return set(self.grid.push_messages(messages)) if messages else set()
 
     def result(self, timeout: float = 600, poll: float = 0.05) -> dict[int, Mapping]:
-        """Every node's description; nodes silent for ``timeout`` seconds are left out (logged)."""
-        deadline = time.monotonic() + timeout
+        """Every node's description. Each chunk gets ``timeout`` seconds; nodes silent that long
+        are left out (logged), as Flower's ``send_and_receive`` would leave them."""
         nodes: dict[int, Mapping] = {}
         for first in range(self.chunk, len(self.node_ids) + self.chunk, self.chunk):
+            deadline = time.monotonic() + timeout
             while self._pending and time.monotonic() < deadline:
                 for reply in self.grid.pull_messages(self._pending):
                     self._pending.discard(reply.metadata.reply_to_message_id)
@@ -74,7 +74,7 @@ class Discovery:
                 if self._pending:
                     time.sleep(poll)
             if self._pending:
-                log.warning("%d nodes did not answer within %.0f s; going on without them",
+                log.warning("%d nodes did not answer within %g s; going on without them",
                             len(self._pending), timeout)
             log.info("discovered %d of %d nodes", len(nodes), len(self.node_ids))
             self._pending = self._ask(self.node_ids[first:first + self.chunk])
@@ -214,7 +214,9 @@ class Federation:
         """Evaluate the global model (on the whole test set for the final round)."""
         n = len(self.test_y) if final or self.cfg.eval_samples == 0 else self.cfg.eval_samples
         subset = np.random.default_rng(self.cfg.seed).permutation(len(self.test_y))[:n]
-        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=500)
+        # Batches of 200 keep the CNN's largest activation (20 MB) under glibc's largest
+        # mmap threshold, so fl_maestro.runtime's malloc settings keep it in the heap.
+        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200)
         model = self.global_model()
         tiers = {b: self.plan(model, b) for b in self.tiers}
         return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,
@@ -253,8 +255,6 @@ class Federation:
 
 def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
     """Run every round, writing results as it goes; returns the final per-tier table."""
-    log.info("server process: %d torch threads, malloc keeps freed memory: %s",
-             torch.get_num_threads(), keep_freed_memory())
     timeline = Timeline()
     with timeline.phase(0, "set-up"):
         discovery = Discovery(grid)  # nodes answer while the server sets up

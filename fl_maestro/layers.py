@@ -119,7 +119,9 @@ class LowRankLayer(nn.Module):
         """``U[:, :rank]``, sliced through U's rank-major memory so its gradient keeps U's layout.
 
         Slicing the out x R view directly makes autograd build a row-major full-size gradient that
-        must then be transposed into ``U.grad``: a strided full-size copy on every step.
+        must then be transposed into ``U.grad``: a strided full-size copy on every step. (At full
+        rank ``U`` itself is used; the conv's 1x1 backward still hands over a row-major gradient,
+        which autograd lays out as ``U``: one copy of out x r values.)
         """
         return leading(self.U.t(), rank).t()
 

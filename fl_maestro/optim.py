@@ -72,7 +72,10 @@ class CornerSGD:
     gradient, the update ``g += weight_decay * w; m = momentum * m + g; w -= lr * m`` runs on the
     parameter's corner and the matching corner of its momentum buffer, which is kept full-size
     (same memory layout as the parameter, so a rank prefix stays one contiguous block).
-    Gradients are consumed: they are set to ``None`` after the update.
+    Gradients are consumed: they are set to ``None`` after the update. Build it outside
+    ``corner_view`` (the buffers take the shapes the parameters show then). It is not a
+    ``torch.optim.Optimizer``: one group of hyperparameters, no state dict, no LR schedulers; a
+    client builds a fresh one for each round's local training.
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.0,

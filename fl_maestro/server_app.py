@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_maestro.config import parse_run_config
 from fl_maestro.federation import run_federation
+from fl_maestro.runtime import keep_freed_memory
+
+log = logging.getLogger(__name__)
 
 app = ServerApp()
 
@@ -20,6 +24,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run one federated experiment as the run config describes."""
     setup_logging()
+    log.info("server process: %d torch threads; malloc keeps freed memory: %s",
+             torch.get_num_threads(), keep_freed_memory())
     cfg = parse_run_config(context.run_config)  # a bad key or value stops here, before any client
     run_federation(grid, cfg)
 

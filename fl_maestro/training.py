@@ -6,16 +6,20 @@ the sampler and trains only it. With ``distill`` it uses Maestro's self-distilli
 maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. ``hgl_lambda`` adds the
 hierarchical group lasso.
 
-Each step reads and writes only the components it trains (``fl_maestro.optim``): the client's
-maximum ranks with the self-distilling loss or HGL, the sampled prefix in plain ordered dropout.
-Components past the client's maximum ranks are never changed, weight decay and momentum included.
+With ``optimizer="corner"`` (the default) each step reads and writes only the components it
+trains (``fl_maestro.optim``): the client's maximum ranks with the self-distilling loss or HGL,
+the sampled prefix in plain ordered dropout. A component past a step's sampled rank then keeps its
+weight, momentum and weight decay until it is trained again. ``optimizer="sgd"`` is the textbook
+step instead: ``torch.optim.SGD`` over whole parameters, so momentum keeps moving components a step
+did not reach, and weight decay applies to the client's whole trained corner every step. Either
+way, components past the client's maximum ranks are never changed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -30,12 +34,14 @@ log = logging.getLogger(__name__)
 
 # Backward costs about twice the forward, so one training pass costs ~3x its forward MACs.
 TRAIN_MACS_PER_FORWARD = 3
+OPTIMIZERS = ("corner", "sgd")
 
 
 def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | None = None,
           sampler: str | Sampler = "single-layer", epochs: int = 1, lr: float = 0.05,
           momentum: float = 0.9, weight_decay: float = 1e-4, distill: bool = True,
-          hgl_lambda: float = 0.0, rng: np.random.Generator | None = None) -> dict[str, float]:
+          hgl_lambda: float = 0.0, rng: np.random.Generator | None = None,
+          optimizer: str = "corner") -> dict[str, float]:
     """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
 
     Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
@@ -45,7 +51,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     model.set_ranks(max_ranks)  # validates the ranks
     draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
     rng = np.random.default_rng(0) if rng is None else rng
-    optimizer = CornerSGD(model, lr, momentum, weight_decay)
+    step = _stepper(model, optimizer, lr, momentum, weight_decay, max_ranks)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
     start, steps, macs = time.perf_counter(), 0, 0
@@ -56,10 +62,8 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
             x, y = x.to(device), y.to(device)
             ranks = draw(max_ranks, rng)
             trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
-            with corner_view(model, model.slice_shapes(trained)):
-                loss, logits = _step_loss(model, x, y, max_ranks, ranks, distill, hgl_lambda)
-                loss.backward()
-                optimizer.step()
+            loss, logits = step(trained, lambda: _step_loss(model, x, y, max_ranks, ranks, distill,
+                                                            hgl_lambda))
             steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -72,6 +76,45 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
             "examples": seen, "steps": steps, "seconds": time.perf_counter() - start,
             "macs": float(macs)}
+
+
+def _stepper(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,
+             max_ranks: Mapping[str, int]) -> Callable:
+    """``step(trained, closure)``: one update of the parameters from the loss ``closure()`` returns
+    (with the logits), ``trained`` being the ranks that loss reaches."""
+    if optimizer == "corner":
+        corner_sgd = CornerSGD(model, lr, momentum, weight_decay)
+
+        def corner_step(trained: Mapping[str, int], closure: Callable):
+            with corner_view(model, model.slice_shapes(trained)):
+                loss, logits = closure()
+                loss.backward()
+                corner_sgd.step()
+            return loss, logits
+        return corner_step
+    if optimizer == "sgd":
+        sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        corners = model.slice_shapes(max_ranks)
+
+        def sgd_step(trained: Mapping[str, int], closure: Callable):
+            loss, logits = closure()
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            _decay_corners(model, corners, weight_decay)
+            sgd.step()
+            return loss, logits
+        return sgd_step
+    raise ValueError(f"optimizer={optimizer!r} is not allowed; expected one of {OPTIMIZERS}")
+
+
+@torch.no_grad()
+def _decay_corners(model: RankedModel, corners: Mapping[str, tuple[int, ...]], weight_decay: float) -> None:
+    """Add L2 weight decay to the gradient of each parameter's trained corner (never past it)."""
+    if weight_decay:
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                corner = tuple(slice(0, n) for n in corners[name])
+                p.grad[corner].add_(p[corner], alpha=weight_decay)
 
 
 def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: Mapping[str, int],

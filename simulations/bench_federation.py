@@ -36,7 +36,7 @@ from fl_maestro.models import build_model, model_arrays
 from fl_maestro.results import RunStore
 from fl_maestro.runtime import ALLOCATOR_ENV
 from fl_maestro.server_app import setup_logging
-from simulations.launch import PrivateSuperLink, federation_config
+from simulations.launch import PrivateSuperLink, federation_config, run_finished
 from strategies.merge import merge_nested, prefix_arrays
 from strategies.records import to_record
 
@@ -103,11 +103,13 @@ def bench_overhead(rounds: int, supernodes: int = 100) -> list[dict]:
     scratch = Path(tempfile.mkdtemp(prefix="fl-maestro-bench-"))
     try:
         start = time.time()
+        overrides = _overrides(scratch, "flower", rounds)
         with PrivateSuperLink() as link:
-            code = link.run(_overrides(scratch, "flower", rounds), federation_config(supernodes))
-        flower = {"wall": time.time() - start, **_phases(RunStore(scratch / "flower"), start, time.time())}
-        if code != 0:
-            raise RuntimeError(f"flwr run failed with exit code {code}")
+            code = link.run(overrides, federation_config(supernodes))
+        ended = time.time()
+        if code != 0 or not run_finished(overrides):  # flwr run exits 0 when the ServerApp fails
+            raise RuntimeError(f"the flwr run did not finish (exit code {code}): see its log above")
+        flower = {"wall": ended - start, **_phases(RunStore(scratch / "flower"), start, ended)}
         # The plain loop is a command of its own too, so both sides pay a fresh process's imports.
         command = [sys.executable, "-m", "simulations.inprocess", "--nodes", str(supernodes),
                    *(arg for k, v in _overrides(scratch, "inprocess", rounds).items()

@@ -27,6 +27,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fl_maestro.client_app import app as client_app
 from fl_maestro.config import parse_run_config
 from fl_maestro.federation import run_federation
+from fl_maestro.runtime import keep_freed_memory
 from fl_maestro.server_app import setup_logging
 from simulations.launch import parse_overrides
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--run-config", action="append", default=[])
     args = parser.parse_args(argv)
     setup_logging()
+    keep_freed_memory()  # as the ServerApp and ClientApp processes do
     overrides = parse_overrides(args.run_config)
     cfg = parse_run_config(overrides)
     start = time.perf_counter()

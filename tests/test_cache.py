@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,8 @@ def test_decodes_once_then_maps_read_only_arrays(tmp_path: Path, source: Path) -
         np.testing.assert_array_equal(a, b)
         assert type(b) is np.ndarray and not b.flags.writeable
     assert second[0].dtype == np.float32 and second[1].tolist() == [4, 5]
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry_key("demo", [source])]
+    key = entry_key("demo", [source])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [key, f"{key}.lock"]
 
 
 def test_a_changed_source_is_decoded_again(tmp_path: Path, source: Path) -> None:
@@ -63,4 +66,30 @@ def test_an_unwritable_cache_still_returns_the_arrays(tmp_path: Path, source: Pa
     for _ in range(2):
         arrays = cached_arrays("demo", [source], _decoder(calls), root=blocked)
         assert arrays[1].tolist() == [4, 5]
+    assert len(calls) == 2
+
+
+def test_concurrent_first_loads_decode_once(tmp_path: Path, source: Path) -> None:
+    calls: list[int] = []
+    slow = _decoder(calls)
+
+    def decode():
+        time.sleep(0.2)  # long enough for the other thread to arrive while this one decodes
+        return slow()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        cached_arrays("demo", [source], decode, root=tmp_path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(results) == 2
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+
+
+def test_a_different_decoding_name_is_a_different_entry(tmp_path: Path, source: Path) -> None:
+    calls: list[int] = []
+    cached_arrays("demo-v1", [source], _decoder(calls), root=tmp_path)
+    cached_arrays("demo-v2", [source], _decoder(calls), root=tmp_path)
     assert len(calls) == 2

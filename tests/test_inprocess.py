@@ -102,3 +102,13 @@ def test_timeline_records_every_phase_of_every_round(tmp_path):
         assert list(timeline.loc[timeline["round"] == rnd, "phase"]) == ["training", "evaluation", "results"]
     assert (timeline["seconds"] >= 0).all()
     assert timeline["start"].is_monotonic_increasing
+
+
+def test_discovery_leaves_out_a_silent_node_and_still_asks_the_next_chunk(caplog) -> None:
+    grid = InProcessGrid(4, {})
+    pull = grid.pull_messages
+    grid.pull_messages = lambda ids: [m for m in pull(ids) if m.metadata.src_node_id != 1]
+    with caplog.at_level("WARNING"):
+        nodes = Discovery(grid, chunk=2).result(timeout=0.2, poll=0.01)
+    assert sorted(nodes) == [2, 3, 4]  # the second chunk gets its own time to answer
+    assert "1 nodes did not answer within 0.2 s" in caplog.text

@@ -148,15 +148,16 @@ def _split(digits) -> tuple[tuple[torch.Tensor, torch.Tensor], Batches]:
     return (x[train_idx], y[train_idx]), _batches(x[test_idx], y[test_idx], 256, 0)
 
 
+@pytest.mark.parametrize("optimizer", ["corner", "sgd"])
 @pytest.mark.parametrize("distill", [True, False])
-def test_train_never_touches_components_past_max_ranks(digits, distill: bool) -> None:
+def test_train_never_touches_components_past_max_ranks(digits, distill: bool, optimizer: str) -> None:
     model = CNN((1, 8, 8), 10)  # conv2: max rank 64, fc (256 -> 128): 128
     max_ranks = {"conv2": 8, "fc": 16}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = _batches(*digits, 64, 0)[:8]
     metrics = train(model, loader, max_ranks, sampler="independent", epochs=2, lr=0.05,
                     momentum=0.9, weight_decay=1e-2, distill=distill, hgl_lambda=1e-2,
-                    rng=np.random.default_rng(0))
+                    rng=np.random.default_rng(0), optimizer=optimizer)
     after = model.state_dict()
     for name, r in max_ranks.items():
         assert torch.equal(after[f"{name}.U"][:, r:], before[f"{name}.U"][:, r:]), name
@@ -166,6 +167,40 @@ def test_train_never_touches_components_past_max_ranks(digits, distill: bool) ->
     assert not torch.equal(after["conv1.weight"], before["conv1.weight"])  # shared parts train
     assert model.ranks() == max_ranks  # left at the client's maximum
     assert metrics["steps"] == 16 and metrics["examples"] == 8 * 64
+
+
+def test_corner_steps_equal_textbook_steps_when_every_step_trains_the_whole_corner(digits) -> None:
+    """With the self-distilling loss every step reaches the client's maximum ranks, so updating
+    only that corner (views, CornerSGD) must give torch.optim.SGD's weights exactly."""
+    models = {}
+    for optimizer in ("corner", "sgd"):
+        torch.manual_seed(0)
+        model = CNN((1, 8, 8), 10)
+        train(model, _batches(*digits, 64, 0)[:6], {"conv2": 8, "fc": 16}, "independent",
+              epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-2, distill=True,
+              rng=np.random.default_rng(0), optimizer=optimizer)
+        models[optimizer] = model.state_dict()
+    for name, value in models["sgd"].items():
+        torch.testing.assert_close(models["corner"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_plain_ordered_dropout_differs_by_optimizer_only_in_what_sits_out(digits) -> None:
+    """Without distillation the two optimizers part ways (lazy vs textbook momentum)."""
+    states = []
+    for optimizer in ("corner", "sgd"):
+        torch.manual_seed(0)
+        model = CNN((1, 8, 8), 10)
+        train(model, _batches(*digits, 64, 0)[:6], {"conv2": 8, "fc": 16}, "independent",
+              lr=0.05, momentum=0.9, distill=False, rng=np.random.default_rng(0),
+              optimizer=optimizer)
+        states.append(model.state_dict())
+    assert not torch.equal(states[0]["fc.U"], states[1]["fc.U"])
+    assert torch.equal(states[0]["fc.U"][:, 16:], states[1]["fc.U"][:, 16:])  # past max: untouched
+
+
+def test_train_rejects_an_unknown_optimizer() -> None:
+    with pytest.raises(ValueError, match=r"optimizer='adam' is not allowed.*corner"):
+        train(CNN((1, 8, 8), 10), [], optimizer="adam")
 
 
 def test_train_rejects_ranks_beyond_the_layer() -> None:
