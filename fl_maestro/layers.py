@@ -31,7 +31,7 @@ def leading(tensor: torch.Tensor, *sizes: int) -> torch.Tensor:
     Slicing even the whole of a tensor costs autograd a zero-filled full-size gradient and a copy
     on every backward pass, so the whole tensor is never sliced.
     """
-    if all(s == n for s, n in zip(sizes, tensor.shape)):
+    if tensor.shape[:len(sizes)] == sizes:
         return tensor
     return tensor[tuple(slice(0, s) for s in sizes)]
 

@@ -37,32 +37,40 @@ def _corner(tensor: torch.Tensor, shape: Shape) -> torch.Tensor:
     return leading(tensor, *shape)
 
 
+Slot = tuple[str, nn.Module, str]  # a parameter's name, the module holding it, its attribute
+
+
+def parameter_slots(model: nn.Module) -> list[Slot]:
+    """Where each parameter lives, in ``named_parameters`` order. Computing this once saves the
+    module traversal on every step (it is most of a small model's per-step Python time)."""
+    return [(f"{path}.{attr}" if path else attr, module, attr)
+            for path, module in model.named_modules()
+            for attr, _ in module.named_parameters(recurse=False)]
+
+
 @contextmanager
-def corner_view(model: nn.Module, shapes: Mapping[str, Shape]) -> Iterator[nn.Module]:
+def corner_view(model: nn.Module, shapes: Mapping[str, Shape],
+                slots: list[Slot] | None = None) -> Iterator[nn.Module]:
     """Within the block, each parameter named in ``shapes`` is a parameter viewing that corner.
 
     The views share memory with the full parameters, so in-place updates write through; the
     gradients of the block's backward pass are the corners' size. A parameter whose corner is the
     whole of it is left as it is. The full parameters are put back on leaving, also on error.
+    ``slots``: ``parameter_slots(model)``, when the caller keeps it across steps.
     """
     swapped = []
     try:
-        for name, full in list(model.named_parameters()):
-            if name not in shapes or tuple(full.shape) == tuple(shapes[name]):
+        for name, owner, attr in parameter_slots(model) if slots is None else slots:
+            full, shape = getattr(owner, attr), shapes.get(name)
+            if shape is None or full.shape == tuple(shape):
                 continue
-            owner, attr = _owner(model, name)
-            view = nn.Parameter(_corner(full.detach(), shapes[name]), full.requires_grad)
+            view = nn.Parameter(_corner(full.detach(), shape), full.requires_grad)
             setattr(owner, attr, view)
             swapped.append((owner, attr, full))
         yield model
     finally:
         for owner, attr, full in reversed(swapped):
             setattr(owner, attr, full)
-
-
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr
 
 
 class CornerSGD:
@@ -84,13 +92,15 @@ class CornerSGD:
             if not value >= 0:
                 raise ValueError(f"{key}={value!r}: allowed a number >= 0")
         self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
-        self.buffers = {name: torch.zeros_like(p) for name, p in model.named_parameters()} \
-            if momentum else {}
+        self.slots = parameter_slots(model)
+        self.buffers = {name: torch.zeros_like(getattr(owner, attr))
+                        for name, owner, attr in self.slots} if momentum else {}
 
     @torch.no_grad()
     def step(self) -> None:
         """Apply one update to every parameter (corner) that has a gradient, then drop the gradients."""
-        for name, p in self.model.named_parameters():
+        for name, owner, attr in self.slots:
+            p = getattr(owner, attr)
             grad = p.grad
             if grad is None:
                 continue

@@ -84,9 +84,13 @@ def _stepper(model: RankedModel, optimizer: str, lr: float, momentum: float, wei
     (with the logits), ``trained`` being the ranks that loss reaches."""
     if optimizer == "corner":
         corner_sgd = CornerSGD(model, lr, momentum, weight_decay)
+        shapes: dict[tuple, dict] = {}  # per trained ranks; the model's layout is fixed meanwhile
 
         def corner_step(trained: Mapping[str, int], closure: Callable):
-            with corner_view(model, model.slice_shapes(trained)):
+            key = tuple(trained.items())
+            if key not in shapes:
+                shapes[key] = model.slice_shapes(trained)
+            with corner_view(model, shapes[key], corner_sgd.slots):
                 loss, logits = closure()
                 loss.backward()
                 corner_sgd.step()

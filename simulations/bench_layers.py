@@ -62,9 +62,10 @@ def _step_fn(model: RankedModel, ranks: dict[str, int], x: torch.Tensor,
              target: torch.Tensor) -> Callable[[], None]:
     """One training step at ``ranks``, as ``fl_maestro.training.train`` takes it."""
     optimizer, loss_fn = CornerSGD(model, lr=1e-4, momentum=0.9), _loss_fn(target)
+    shapes = model.slice_shapes(ranks)
 
     def step() -> None:
-        with corner_view(model, model.slice_shapes(ranks)):
+        with corner_view(model, shapes, optimizer.slots):
             model.set_ranks(ranks)
             loss_fn(model(x), target).backward()
             optimizer.step()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fl_maestro.layers import LowRankLinear
 from fl_maestro.models import CNN, MLP
-from fl_maestro.optim import CornerSGD, corner_view
+from fl_maestro.optim import CornerSGD, corner_view, parameter_slots
 
 
 def _batch(seed: int, shape=(16, 1, 8, 8)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +119,12 @@ def test_a_component_that_sits_out_keeps_its_momentum_for_its_next_step() -> Non
 def test_corner_sgd_rejects_bad_hyperparameters(key: str, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=rf"{key}=.*allowed a number >= 0"):
         CornerSGD(LowRankLinear(4, 4), **kwargs)
+
+
+def test_parameter_slots_name_every_parameter_where_it_lives() -> None:
+    model = CNN((1, 8, 8), 10)
+    slots = parameter_slots(model)
+    assert [name for name, _, _ in slots] == [name for name, _ in model.named_parameters()]
+    assert all(getattr(owner, attr) is model.get_parameter(name) for name, owner, attr in slots)
+    with corner_view(model, model.slice_shapes({"fc": 3}), slots):
+        assert model.fc.U.shape == (128, 3)  # the kept slots still find the swapped parameters
