@@ -42,18 +42,20 @@ def keep_freed_memory() -> bool:
     """
     global _applied
     if _applied is None:
-        results = [_mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                   _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                   _mallopt(_M_ARENA_MAX, 1)]  # for threads that have not allocated yet
+        mallopt = _mallopt()
+        results = [mallopt is not None and bool(mallopt(param, value)) for param, value in
+                   ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                    (_M_ARENA_MAX, 1))]  # ARENA_MAX: for threads that have not allocated yet
         _applied = all(results)
         log.debug("malloc settings (mmap threshold, trim threshold, arenas) took: %s", results)
     return _applied
 
 
-def _mallopt(param: int, value: int) -> bool:
-    name = ctypes.util.find_library("c")
+def _mallopt():
+    """glibc's ``mallopt``, or None where the C library has none."""
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
-    except (OSError, AttributeError, TypeError):  # no libc found, or not glibc (no mallopt)
-        return False
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):  # no libc found, or not glibc
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return mallopt

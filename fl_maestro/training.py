@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_maestro.layers import leading
 from fl_maestro.models import RankedModel, at_ranks
 from fl_maestro.optim import CornerSGD, corner_view
 from fl_maestro.sampling import Sampler, get_sampler
@@ -51,7 +52,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     model.set_ranks(max_ranks)  # validates the ranks
     draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
     rng = np.random.default_rng(0) if rng is None else rng
-    step = _stepper(model, optimizer, lr, momentum, weight_decay, max_ranks)
+    step = make_step(model, optimizer, lr, momentum, weight_decay, max_ranks)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
     start, steps, macs = time.perf_counter(), 0, 0
@@ -78,8 +79,8 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
             "macs": float(macs)}
 
 
-def _stepper(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,
-             max_ranks: Mapping[str, int]) -> Callable:
+def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,
+              max_ranks: Mapping[str, int]) -> Callable:
     """``step(trained, closure)``: one update of the parameters from the loss ``closure()`` returns
     (with the logits), ``trained`` being the ranks that loss reaches."""
     if optimizer == "corner":
@@ -117,8 +118,7 @@ def _decay_corners(model: RankedModel, corners: Mapping[str, tuple[int, ...]], w
     if weight_decay:
         for name, p in model.named_parameters():
             if p.grad is not None:
-                corner = tuple(slice(0, n) for n in corners[name])
-                p.grad[corner].add_(p[corner], alpha=weight_decay)
+                leading(p.grad, *corners[name]).add_(leading(p, *corners[name]), alpha=weight_decay)
 
 
 def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: Mapping[str, int],

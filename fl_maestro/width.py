@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fl_maestro.layers import check_rank, leading
-from fl_maestro.models import COST_KINDS, RankedModel, at_ranks
+from fl_maestro.models import CNN, COST_KINDS, MLP, RankedModel, at_ranks
 
 Shape = tuple[int, ...]
 
@@ -278,11 +278,7 @@ class WidthMLP(WidthModel):
         self.hidden = nn.ModuleList(WidthLinear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.classifier = WidthLinear(sizes[-1], num_classes, sliceable_out=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for layer in self.hidden:
-            x = torch.relu(layer(x))
-        return self.classifier(x)
+    forward = MLP.forward  # the same network as models.MLP, layer for layer
 
 
 class WidthCNN(WidthModel):
@@ -304,10 +300,7 @@ class WidthCNN(WidthModel):
         self.fc = WidthLinear(held["conv2"] * (h // 4) * (w // 4), held["fc"])
         self.classifier = WidthLinear(held["fc"], num_classes, sliceable_out=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.classifier(torch.relu(self.fc(x.flatten(1))))
+    forward = CNN.forward  # the same network as models.CNN, layer for layer
 
 
 def _group_size(channels: int) -> int:

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from fl_maestro.layers import LowRankLinear
 from fl_maestro.models import CNN, RankedModel
-from fl_maestro.optim import CornerSGD, corner_view
 from fl_maestro.runtime import keep_freed_memory
+from fl_maestro.training import make_step
 
 log = logging.getLogger("fl_maestro.bench")
 
@@ -54,36 +54,16 @@ class SingleLayer(RankedModel):
         return self.layer(x)
 
 
-def _loss_fn(target: torch.Tensor) -> Callable:
-    return F.mse_loss if target.is_floating_point() else F.cross_entropy
+def _step_fn(model: RankedModel, ranks: dict[str, int], x: torch.Tensor, target: torch.Tensor,
+             optimizer: str = "corner") -> Callable[[], None]:
+    """One training step at ``ranks``, exactly as ``fl_maestro.training.train`` takes it."""
+    step = make_step(model, optimizer, lr=1e-4, momentum=0.9, weight_decay=0.0, max_ranks=ranks)
+    loss_fn = F.mse_loss if target.is_floating_point() else F.cross_entropy
 
-
-def _step_fn(model: RankedModel, ranks: dict[str, int], x: torch.Tensor,
-             target: torch.Tensor) -> Callable[[], None]:
-    """One training step at ``ranks``, as ``fl_maestro.training.train`` takes it."""
-    optimizer, loss_fn = CornerSGD(model, lr=1e-4, momentum=0.9), _loss_fn(target)
-    shapes = model.slice_shapes(ranks)
-
-    def step() -> None:
-        with corner_view(model, shapes, optimizer.slots):
-            model.set_ranks(ranks)
-            loss_fn(model(x), target).backward()
-            optimizer.step()
-    return step
-
-
-def _torch_sgd_step_fn(model: RankedModel, ranks: dict[str, int], x: torch.Tensor,
-                       target: torch.Tensor) -> Callable[[], None]:
-    """The textbook step: slice in the forward, ``torch.optim.SGD`` over the whole parameters."""
-    optimizer, loss_fn = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9), _loss_fn(target)
-
-    def step() -> None:
+    def loss():
         model.set_ranks(ranks)
-        loss = loss_fn(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+        return loss_fn(model(x), target), None
+    return lambda: step(ranks, loss)
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
@@ -108,7 +88,7 @@ def bench_model(name: str, model: RankedModel, x: torch.Tensor, target: torch.Te
         floor, textbook = copy.deepcopy(model), copy.deepcopy(model)
         floor.truncate(ranks)
         steps[fraction] = (ranks, {"step": _step_fn(model, ranks, x, target),
-                                   "torch-sgd": _torch_sgd_step_fn(textbook, ranks, x, target),
+                                   "torch-sgd": _step_fn(textbook, ranks, x, target, "sgd"),
                                    "floor": _step_fn(floor, ranks, x, target)})
     time_once = _timer(device)
     for _, fns in steps.values():
