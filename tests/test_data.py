@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fl_maestro import data
+from fl_maestro.data import fashion_mnist, partition
 
 # --- IDX helpers
 
@@ -91,7 +92,7 @@ def test_load_fashion_mnist_tiny_files(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_missing_names_package_and_path(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(data, "_can_apt_install", lambda: False)
+    monkeypatch.setattr(fashion_mnist, "_can_apt_install", lambda: False)
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist") as info:
         data.load_fashion_mnist(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(info.value)
@@ -105,9 +106,9 @@ def test_fashion_mnist_missing_installs_with_apt_as_root(tmp_path: Path, monkeyp
         calls.append(cmd)
         write_fashion_files(root)  # what the package would put there
 
-    monkeypatch.setattr(data, "FASHION_MNIST_ROOT", str(root.resolve()))
-    monkeypatch.setattr(data, "_can_apt_install", lambda: True)
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_ROOT", str(root.resolve()))
+    monkeypatch.setattr(fashion_mnist, "_can_apt_install", lambda: True)
+    monkeypatch.setattr(fashion_mnist.subprocess, "run", fake_run)
     x_train, *_ = data.load_fashion_mnist(root)
     assert calls == [["apt-get", "install", "-y", "dataset-fashion-mnist"]]
     assert x_train.shape == (6, 1, 28, 28)
@@ -271,7 +272,7 @@ def test_dirichlet_skew_follows_alpha_and_is_seeded() -> None:
 
 def test_dirichlet_relaxes_min_size_then_gives_up(monkeypatch, caplog) -> None:
     labels = sorted_labels()
-    monkeypatch.setattr(data, "DIRICHLET_MIN_PARTITION_SIZES", (10**6, 1))
+    monkeypatch.setattr(partition, "DIRICHLET_MIN_PARTITION_SIZES", (10**6, 1))
     with caplog.at_level(logging.WARNING, logger="fl_maestro.data"):
         parts = data.partition_indices(labels, 5, "dirichlet", alpha=1.0, seed=0)
     assert "relaxing the minimum" in caplog.text
@@ -338,9 +339,9 @@ def test_client_partition_splits_and_caches() -> None:
         assert len(val) == int(0.2 * len(parts[pid]))
         seen += [train, val]
     assert_exact_cover(seen, len(y_train))
-    hits = data._cached_partitions.cache_info().hits
+    hits = partition._cached_partitions.cache_info().hits
     again_train, _ = data.client_partition("digits", 3, 5, "iid", seed=2, val_fraction=0.2)
-    assert data._cached_partitions.cache_info().hits == hits + 1
+    assert partition._cached_partitions.cache_info().hits == hits + 1
     np.testing.assert_array_equal(again_train, seen[6])
 
 
