@@ -65,7 +65,7 @@ def cached_arrays(name: str, sources: Sequence[Path], decode: Callable[[], Seque
             except (ValueError, EOFError) as err:  # a corrupt entry: rebuilt under the lock
                 log.warning("cache entry %s is corrupt (%s); decoding again", folder, err)
         root.mkdir(parents=True, exist_ok=True)
-        with _locked(root / f"{folder.name}.lock"):
+        with file_lock(root / f"{folder.name}.lock"):
             if folder.is_dir():
                 try:
                     return _load(folder)  # another process built it while this one waited
@@ -83,7 +83,7 @@ def cached_arrays(name: str, sources: Sequence[Path], decode: Callable[[], Seque
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) for the block."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

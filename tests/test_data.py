@@ -1,4 +1,4 @@
-"""Tests for fl_maestro.data: IDX parsing, loaders, CIFAR download, partitioning, loaders."""
+"""Tests for fl_maestro.data: IDX, Fashion-MNIST (found or fetched), digits, CIFAR-10, loaders."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fl_maestro import data
-from fl_maestro.data import fashion_mnist, partition
+from fl_maestro.data import fashion_mnist
 
 # --- IDX helpers
 
@@ -145,7 +145,37 @@ def test_load_dataset_rejects_unknown_name() -> None:
         data.load_dataset("mnist")
 
 
-# --- CIFAR-10 over a local HTTP server
+# --- downloads from a local HTTP server
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Static file handler that records each requested path and keeps the test output clean."""
+
+    requests: list[str]
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path):
+    """Serve an empty folder over HTTP on 127.0.0.1; yield (base url, folder, requested paths)."""
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    requests: list[str] = []
+    handler_class = type("Handler", (CountingHandler,), {"requests": requests})
+    handler = functools.partial(handler_class, directory=str(serve))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", serve, requests
+    server.shutdown()
+    server.server_close()
+    thread.join()
 
 
 def cifar_batch(rng: np.random.Generator, n: int) -> dict[bytes, object]:
@@ -157,13 +187,12 @@ def cifar_batch(rng: np.random.Generator, n: int) -> dict[bytes, object]:
 
 
 @pytest.fixture
-def cifar_server(tmp_path: Path):
+def cifar_server(http_folder):
     """Serve a tiny cifar-10-python.tar.gz on 127.0.0.1; yield (url, md5, batches)."""
+    base, serve, _ = http_folder
     rng = np.random.default_rng(0)
     names = [*data.CIFAR10_TRAIN_BATCHES, "test_batch"]
     batches = {name: cifar_batch(rng, 3) for name in names}
-    serve = tmp_path / "serve"
-    serve.mkdir()
     archive = serve / data.CIFAR10_ARCHIVE
     with tarfile.open(archive, "w:gz") as tar:
         for name, batch in batches.items():
@@ -171,22 +200,7 @@ def cifar_server(tmp_path: Path):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    handler = functools.partial(QuietHandler, directory=str(serve))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/{data.CIFAR10_ARCHIVE}"
-    yield url, hashlib.md5(archive.read_bytes()).hexdigest(), batches
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Static file handler that keeps the test output clean."""
-
-    def log_message(self, *args: object) -> None:
-        pass
+    return base + data.CIFAR10_ARCHIVE, hashlib.md5(archive.read_bytes()).hexdigest(), batches
 
 
 def test_cifar10_download_and_load(cifar_server, tmp_path: Path, caplog) -> None:
@@ -229,120 +243,90 @@ def test_cifar10_missing_without_download(tmp_path: Path) -> None:
         data.load_cifar10(tmp_path)
 
 
-# --- partitioning
+# --- Fashion-MNIST downloaded when neither Debian's files nor a cached copy exist
 
 
-def sorted_labels(num_classes: int = 10, per_class: int = 300) -> np.ndarray:
-    """Labels grouped by class: contiguous shards of them would be single-class."""
-    return np.repeat(np.arange(num_classes), per_class)
+@pytest.fixture
+def fashion_server(http_folder, tmp_path: Path, monkeypatch):
+    """Tiny Fashion-MNIST files served on 127.0.0.1, no Debian files, an empty cache folder.
+
+    Yields (base url, md5 of each served file, requested paths, the cache's Fashion-MNIST folder).
+    """
+    base, serve, requests = http_folder
+    write_fashion_files(serve)
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in serve.iterdir()}
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_ROOT", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(fashion_mnist, "_can_apt_install", lambda: False)
+    monkeypatch.setenv("FL_MAESTRO_CACHE", str(tmp_path / "cache"))
+    return base, md5, requests, tmp_path / "cache" / "fashion-mnist"
 
 
-def mean_max_class_share(parts: list[np.ndarray], labels: np.ndarray) -> float:
-    """Average over partitions of the share of the partition's most common class."""
-    return float(np.mean([np.bincount(labels[p]).max() / len(p) for p in parts]))
+def test_fashion_mnist_downloads_into_cache_then_reuses_it(fashion_server, caplog) -> None:
+    url, md5, requests, cached = fashion_server
+    with caplog.at_level(logging.INFO, logger="fl_maestro.data"):
+        x_train, y_train, x_test, y_test = data.load_fashion_mnist(url=url, md5=md5)
+    assert sorted(requests) == sorted(f"/{name}" for name in data.FASHION_MNIST_FILES.values())
+    assert sorted(p.name for p in cached.glob("*.gz")) == sorted(md5)
+    assert "Downloaded" in caplog.text
+    assert x_train.shape == (6, 1, 28, 28) and x_test.shape == (4, 1, 28, 28)
+    np.testing.assert_array_equal(y_test, [0, 1, 2, 3])
+    # A cached copy is used as it is: nothing is fetched again, even with no server at all.
+    assert data.fashion_mnist_folder(url="http://127.0.0.1:9/") == cached
+    assert data.load_dataset("fashion-mnist")[1] is y_train
+    assert len(requests) == 4
 
 
-def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
-    """Every index in [0, n) appears in exactly one partition."""
-    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+def test_fashion_mnist_download_fetches_only_missing_files(fashion_server) -> None:
+    url, md5, requests, cached = fashion_server
+    kept = data.FASHION_MNIST_FILES["train_labels"]
+    write_fashion_files(cached)  # the same tiny files: as if an earlier download stopped midway
+    for name in data.FASHION_MNIST_FILES.values():
+        if name != kept:
+            (cached / name).unlink()
+    data.load_fashion_mnist(url=url, md5=md5)
+    assert sorted(requests) == sorted(f"/{n}" for n in data.FASHION_MNIST_FILES.values()
+                                      if n != kept)
 
 
-def test_iid_covers_all_once_balanced_and_mixed() -> None:
-    labels = sorted_labels()
-    parts = data.partition_indices(labels, 7, "iid", seed=3)
-    assert_exact_cover(parts, len(labels))
-    sizes = [len(p) for p in parts]
-    assert max(sizes) - min(sizes) <= 1
-    assert all(len(np.unique(labels[p])) == 10 for p in parts)  # shuffled before sharding
-    assert mean_max_class_share(parts, labels) < 0.2
+def test_fashion_mnist_download_checksum_failure_keeps_nothing(fashion_server) -> None:
+    url, _, requests, cached = fashion_server
+    # The served files are not the originals, so the published md5s (the default) refuse them.
+    with pytest.raises(ValueError, match=r"md5 [0-9a-f]{32} does not match expected "
+                       + data.FASHION_MNIST_MD5[data.FASHION_MNIST_FILES["train_images"]]):
+        data.load_fashion_mnist(url=url)
+    assert requests == ["/train-images-idx3-ubyte.gz"]  # stopped at the first bad file
+    assert not list(cached.glob("*.gz*"))  # neither the file nor a partial download remains
 
 
-def test_dirichlet_skew_follows_alpha_and_is_seeded() -> None:
-    labels = sorted_labels()
-    skewed = data.partition_indices(labels, 20, "dirichlet", alpha=0.1, seed=0)
-    flat = data.partition_indices(labels, 20, "dirichlet", alpha=100.0, seed=0)
-    assert_exact_cover(skewed, len(labels))
-    assert mean_max_class_share(skewed, labels) > 0.5
-    assert mean_max_class_share(flat, labels) < 0.2
-    again = data.partition_indices(labels, 20, "dirichlet", alpha=0.1, seed=0)
-    assert all(np.array_equal(a, b) for a, b in zip(skewed, again))
-    other = data.partition_indices(labels, 20, "dirichlet", alpha=0.1, seed=1)
-    assert not all(np.array_equal(a, b) for a, b in zip(skewed, other))
+def test_fashion_mnist_download_error_names_url_and_package(fashion_server) -> None:
+    url, md5, _, cached = fashion_server
+    with pytest.raises(OSError, match=r"could not download .*/missing/train-images.*"
+                       r"dataset-fashion-mnist"):
+        data.load_fashion_mnist(url=url + "missing/", md5=md5)
+    assert not list(cached.glob("*.gz*"))
 
 
-def test_dirichlet_relaxes_min_size_then_gives_up(monkeypatch, caplog) -> None:
-    labels = sorted_labels()
-    monkeypatch.setattr(partition, "DIRICHLET_MIN_PARTITION_SIZES", (10**6, 1))
-    with caplog.at_level(logging.WARNING, logger="fl_maestro.data"):
-        parts = data.partition_indices(labels, 5, "dirichlet", alpha=1.0, seed=0)
-    assert "relaxing the minimum" in caplog.text
-    assert min(len(p) for p in parts) >= 1
-    with pytest.raises(ValueError, match=r"alpha=0\.001 is too small"):
-        data.partition_indices(np.arange(200) % 10, 100, "dirichlet", alpha=0.001, seed=0)
+def test_fashion_mnist_debian_files_come_first(fashion_server, tmp_path: Path,
+                                               monkeypatch) -> None:
+    url, md5, requests, cached = fashion_server
+    debian = tmp_path / "debian"
+    write_fashion_files(debian, n_train=8)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_ROOT", str(debian))
+    assert data.fashion_mnist_folder(url=url, md5=md5) == debian
+    assert data.load_fashion_mnist(url=url, md5=md5)[0].shape[0] == 8
+    assert requests == [] and not cached.exists()
 
 
-def test_pathological_limits_classes_per_client() -> None:
-    labels = sorted_labels()
-    parts = data.partition_indices(labels, 20, "pathological", classes_per_client=2, seed=0)
-    assert_exact_cover(parts, len(labels))  # 20 clients >= 10 classes: every class is used
-    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
-    one = data.partition_indices(labels, 10, "pathological", classes_per_client=1, seed=0)
-    assert all(len(np.unique(labels[p])) == 1 for p in one)
-    assert_exact_cover(one, len(labels))  # first-deterministic: client i gets class i
+def test_fashion_mnist_failed_apt_falls_back_to_download(fashion_server, monkeypatch) -> None:
+    url, md5, requests, cached = fashion_server
 
+    def failing_apt(cmd: list[str], check: bool) -> None:
+        raise fashion_mnist.subprocess.CalledProcessError(100, cmd)
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
-    [
-        ({"partitioner": "zipf"}, "partitioner='zipf'"),
-        ({"alpha": 0.0}, "alpha=0.0"),
-        ({"alpha": -1}, "alpha=-1"),
-        ({"alpha": math.nan}, "alpha=nan"),
-        ({"num_partitions": 0}, "num_partitions=0"),
-        ({"num_partitions": 3001}, "num_partitions=3001"),
-        ({"classes_per_client": 11}, "classes_per_client=11"),
-        ({"classes_per_client": 0}, "classes_per_client=0"),
-    ],
-)
-def test_partition_indices_rejects_bad_inputs(kwargs: dict, needle: str) -> None:
-    args = {"num_partitions": 4, "partitioner": "dirichlet", **kwargs}
-    with pytest.raises(ValueError, match=re.escape(needle) + ".*expected"):
-        data.partition_indices(sorted_labels(), **args)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
-    [
-        ({"partition_id": 5}, "partition_id=5"),
-        ({"partition_id": -1}, "partition_id=-1"),
-        ({"num_partitions": 0}, "num_partitions=0"),
-        ({"val_fraction": 1.0}, "val_fraction=1.0"),
-        ({"val_fraction": -0.1}, "val_fraction=-0.1"),
-        ({"dataset_name": "mnist"}, "dataset='mnist'"),
-        ({"partitioner": "zipf"}, "partitioner='zipf'"),
-    ],
-)
-def test_client_partition_rejects_bad_inputs(kwargs: dict, needle: str) -> None:
-    args = {"dataset_name": "digits", "partition_id": 0, "num_partitions": 5, **kwargs}
-    with pytest.raises(ValueError, match=re.escape(needle) + ".*expected"):
-        data.client_partition(**args)
-
-
-def test_client_partition_splits_and_caches() -> None:
-    _, y_train, _, _ = data.load_digits()
-    parts = data.partition_indices(y_train, 5, "iid", seed=2)
-    seen = []
-    for pid in range(5):
-        train, val = data.client_partition("digits", pid, 5, "iid", seed=2, val_fraction=0.2)
-        assert len(np.intersect1d(train, val)) == 0
-        np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), parts[pid])
-        assert len(val) == int(0.2 * len(parts[pid]))
-        seen += [train, val]
-    assert_exact_cover(seen, len(y_train))
-    hits = partition._cached_partitions.cache_info().hits
-    again_train, _ = data.client_partition("digits", 3, 5, "iid", seed=2, val_fraction=0.2)
-    assert partition._cached_partitions.cache_info().hits == hits + 1
-    np.testing.assert_array_equal(again_train, seen[6])
+    monkeypatch.setattr(fashion_mnist, "_can_apt_install", lambda: True)
+    monkeypatch.setattr(fashion_mnist.subprocess, "run", failing_apt)
+    assert data.fashion_mnist_folder(url=url, md5=md5) == cached
+    assert len(requests) == 4
 
 
 # --- loaders

@@ -18,8 +18,9 @@ from fl_maestro.data.cifar10 import (
 )
 from fl_maestro.data.download import download_file
 from fl_maestro.data.fashion_mnist import (
-    FASHION_MNIST_FILES, FASHION_MNIST_MEAN, FASHION_MNIST_PACKAGE, FASHION_MNIST_ROOT,
-    FASHION_MNIST_STD, load_fashion_mnist,
+    FASHION_MNIST_FILES, FASHION_MNIST_MD5, FASHION_MNIST_MEAN, FASHION_MNIST_PACKAGE,
+    FASHION_MNIST_ROOT, FASHION_MNIST_STD, FASHION_MNIST_URL, fashion_mnist_cache_dir,
+    fashion_mnist_folder, load_fashion_mnist,
 )
 from fl_maestro.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 from fl_maestro.data.loaders import make_loader
@@ -31,9 +32,10 @@ from fl_maestro.data.registry import DATASET_SHAPES, NUM_CLASSES, load_dataset, 
 __all__ = [
     "CIFAR10_ARCHIVE", "CIFAR10_MD5", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_TRAIN_BATCHES",
     "CIFAR10_URL", "DATASET_SHAPES", "DEFAULT_CIFAR10_ROOT", "DIRICHLET_MIN_PARTITION_SIZES",
-    "DatasetArrays", "FASHION_MNIST_FILES", "FASHION_MNIST_MEAN", "FASHION_MNIST_PACKAGE",
-    "FASHION_MNIST_ROOT", "FASHION_MNIST_STD", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC",
-    "NUM_CLASSES", "PARTITIONERS", "client_partition", "download_file", "load_cifar10",
+    "DatasetArrays", "FASHION_MNIST_FILES", "FASHION_MNIST_MD5", "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_PACKAGE", "FASHION_MNIST_ROOT", "FASHION_MNIST_STD", "FASHION_MNIST_URL",
+    "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "NUM_CLASSES", "PARTITIONERS", "client_partition",
+    "download_file", "fashion_mnist_cache_dir", "fashion_mnist_folder", "load_cifar10",
     "load_dataset", "load_digits", "load_fashion_mnist", "make_loader", "partition_indices",
     "read_idx",
 ]

@@ -1,4 +1,4 @@
-"""Downloads that are atomic and checked: a file appears whole, with the expected md5, or not at all."""
+"""Atomic, checked downloads: a file appears whole with the expected md5, or not at all."""
 
 from __future__ import annotations
 

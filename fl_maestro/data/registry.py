@@ -9,7 +9,7 @@ import numpy as np
 
 from fl_maestro.data.arrays import DatasetArrays, freeze, normalise
 from fl_maestro.data.cifar10 import DEFAULT_CIFAR10_ROOT, load_cifar10
-from fl_maestro.data.fashion_mnist import FASHION_MNIST_ROOT, load_fashion_mnist
+from fl_maestro.data.fashion_mnist import load_fashion_mnist
 
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "fashion-mnist": (1, 28, 28), "digits": (1, 8, 8), "cifar10": (3, 32, 32),
@@ -38,7 +38,7 @@ def load_digits() -> DatasetArrays:
 def load_dataset(name: str, root: str | Path | None = None) -> DatasetArrays:
     """Load a dataset by name; ``root`` overrides where its files live (not for digits)."""
     if name == "fashion-mnist":
-        return load_fashion_mnist(root or FASHION_MNIST_ROOT)
+        return load_fashion_mnist(root)
     if name == "digits":
         return load_digits()
     if name == "cifar10":
