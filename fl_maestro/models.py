@@ -22,28 +22,32 @@ COST_KINDS = ("macs", "params")
 
 
 class RankedModel(nn.Module):
-    """Base class: a network whose low-rank layers can be run at any rank prefix."""
+    """Base class: a network whose ranked layers can be run at any rank prefix."""
 
     input_shape: tuple[int, ...]
 
+    def ranked_layers(self) -> dict[str, nn.Module]:
+        """The layers that run at a rank, by module name (here: the low-rank layers)."""
+        return self.low_rank_layers()
+
     def low_rank_layers(self) -> dict[str, LowRankLayer]:
-        """The decomposed layers by module name, in definition order."""
+        """The decomposed layers (ordered factors ``U``, ``V``) by module name, in definition order."""
         return {n: m for n, m in self.named_modules() if isinstance(m, LowRankLayer)}
 
     def max_ranks(self) -> dict[str, int]:
         """Each layer's maximum rank (the number of components it holds)."""
-        return {n: m.max_rank for n, m in self.low_rank_layers().items()}
+        return {n: m.max_rank for n, m in self.ranked_layers().items()}
 
     def ranks(self) -> dict[str, int]:
         """Each layer's active rank."""
-        return {n: m.rank for n, m in self.low_rank_layers().items()}
+        return {n: m.rank for n, m in self.ranked_layers().items()}
 
-    def _named(self, ranks: Mapping[str, int]) -> list[tuple[LowRankLayer, int]]:
+    def _named(self, ranks: Mapping[str, int]) -> list[tuple[nn.Module, int]]:
         """(layer, rank) pairs for a ``{layer_name: rank}`` dict; unknown names are a ValueError."""
-        layers = self.low_rank_layers()
+        layers = self.ranked_layers()
         unknown = sorted(set(ranks) - set(layers))
         if unknown:
-            raise ValueError(f"unknown low-rank layer {unknown[0]!r}; layers are {sorted(layers)}")
+            raise ValueError(f"unknown ranked layer {unknown[0]!r}; layers are {sorted(layers)}")
         return [(layers[name], rank) for name, rank in ranks.items()]
 
     def set_ranks(self, ranks: Mapping[str, int]) -> None:

@@ -41,19 +41,19 @@ def hgl_penalty(layers: Mapping[str, LowRankLayer],
     return total
 
 
-@torch.no_grad()
-def importance(layer: LowRankLayer) -> np.ndarray:
-    """Importance of each component, ``||V[j:]||_F * ||U[:, j:]||_F`` (non-increasing in j)."""
-    v_sq, u_sq = component_sq_norms(layer)
-    return (tail_norms(v_sq.double()) * tail_norms(u_sq.double())).cpu().numpy()
-
-
 def importance_from_arrays(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The same importance from raw factor arrays ``U`` (out x R) and ``V`` (R x ...)."""
+    """Importance of each component, ``||V[j:]||_F * ||U[:, j:]||_F`` (non-increasing in j),
+    from the factor arrays ``U`` (out x R) and ``V`` (R x ...), in float64."""
     v_sq = np.square(v.reshape(v.shape[0], -1), dtype=np.float64).sum(1)
     u_sq = np.square(u, dtype=np.float64).sum(0)
     tail = lambda x: np.sqrt(np.cumsum(x[::-1])[::-1])  # noqa: E731
     return tail(v_sq) * tail(u_sq)
+
+
+@torch.no_grad()
+def importance(layer: LowRankLayer) -> np.ndarray:
+    """``importance_from_arrays`` of a layer's factors (all ``max_rank`` components)."""
+    return importance_from_arrays(layer.U.detach().cpu().numpy(), layer.V.detach().cpu().numpy())
 
 
 def shrink_ranks(importances: Mapping[str, np.ndarray], threshold: float) -> dict[str, int]:

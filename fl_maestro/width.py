@@ -24,10 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fl_maestro.layers import check_rank, leading
+from fl_maestro.layers import LowRankLayer, check_rank, leading
 from fl_maestro.models import CNN, COST_KINDS, MLP, RankedModel, at_ranks
 
 Shape = tuple[int, ...]
+WIDTH_MODELS_SUPPORT = ("width models support uniform allocation, plain ordered dropout and "
+                        "FedAvg-style merging only, not importance allocation, HGL or factor "
+                        "weight decay")
 
 
 class NotFactorised(AttributeError, ValueError):
@@ -88,10 +91,8 @@ class WidthLayer:
 
     def __getattr__(self, name: str):
         if name in ("U", "V"):
-            raise NotFactorised(
-                f"{type(self).__name__} has no ordered factors {name!r}: width models support "
-                "uniform allocation, plain ordered dropout and FedAvg-style merging only, not "
-                "importance allocation, HGL or factor weight decay")
+            raise NotFactorised(f"{type(self).__name__} has no ordered factors {name!r}: "
+                                f"{WIDTH_MODELS_SUPPORT}")
         return super().__getattr__(name)  # nn.Module's lookup of parameters and submodules
 
 
@@ -180,10 +181,14 @@ _SLICED = (WidthLayer, WidthGroupNorm)
 class WidthModel(RankedModel):
     """A network of width layers: ranks are output widths, costs follow the active widths."""
 
-    def low_rank_layers(self) -> dict[str, WidthLayer]:
+    def ranked_layers(self) -> dict[str, WidthLayer]:
         """The width-sliceable layers by module name (the classifier's output is not among them)."""
         return {n: m for n, m in self.named_modules()
                 if isinstance(m, WidthLayer) and m.sliceable_out}
+
+    def low_rank_layers(self) -> dict[str, LowRankLayer]:
+        """None: width layers are dense, so factor-only features are refused by name."""
+        raise NotFactorised(f"{type(self).__name__} has no low-rank layers: {WIDTH_MODELS_SUPPORT}")
 
     def truncate(self, ranks: Mapping[str, int]) -> None:
         """Not supported: build the narrower model with ``widths`` (``build_width_model``)."""
@@ -398,16 +403,10 @@ def build_width_model(name: str, input_shape: tuple[int, ...], num_classes: int,
                                   widths=widths)
 
 
-def width_shapes(name: str, input_shape: tuple[int, ...], num_classes: int,
-                 ranks: Mapping[str, int]) -> dict[str, Shape]:
-    """State-dict shapes of the global model's slice at ``ranks``: what ``corner_arrays`` cuts."""
-    return build_width_model(name, input_shape, num_classes, device="meta").slice_shapes(ranks)
-
-
 def width_model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,
                             arrays: Mapping[str, np.ndarray], device: str = "cpu") -> WidthModel:
     """Build the width model holding exactly the widths of ``arrays`` (a state dict), loaded."""
-    layers = build_width_model(name, input_shape, num_classes, device="meta").low_rank_layers()
+    layers = build_width_model(name, input_shape, num_classes, device="meta").ranked_layers()
     widths = {n: int(np.shape(arrays[f"{n}.weight"])[0]) for n in layers}
     model = build_width_model(name, input_shape, num_classes, widths, device="meta")
     model.to_empty(device=device)

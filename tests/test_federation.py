@@ -77,6 +77,8 @@ def test_results_files_hold_every_round_tier_and_client(runs):
     clients = store.read("clients")
     assert len(clients) == ROUNDS * 3
     assert set(clients["budget"]) <= {0.25, 1.0}
+    assert (clients.groupby("round")["partition-id"].nunique() == 3).all()  # 3 distinct a round
+    assert (clients.groupby("partition-id")["budget"].nunique() == 1).all()  # tiers stay put
     small, full = (clients[clients["budget"] == b]["bytes-down"] for b in (0.25, 1.0))
     if len(small) and len(full):
         assert small.max() < full.min()  # the downlink shrinks with the budget
@@ -87,10 +89,21 @@ def test_results_files_hold_every_round_tier_and_client(runs):
 
 
 def test_federated_training_learns(runs):
-    evaluation = RunStore(runs["full"]).read("evaluation")
-    full_rank = evaluation[(evaluation["kind"] == "fraction") & (evaluation["level"] == 1.0)
-                           & (evaluation["metric"] == "loss")].set_index("round")["value"]
-    assert full_rank[ROUNDS] < full_rank[0]
+    """The merged model improves every round at full rank, far past chance, and at the small
+    tier's prefix too (a prefix every client trains, so the nested merge must reach it)."""
+    store = RunStore(runs["full"])
+    evaluation = store.read("evaluation")
+    fractions = evaluation[evaluation["kind"] == "fraction"]
+    loss, accuracy = (fractions[fractions["metric"] == m].pivot(index="round", columns="level",
+                                                                values="value")
+                      for m in ("loss", "accuracy"))
+    # Measured on this machine: full-rank loss 2.30 -> 2.00 and 2.30 -> 1.44 (two code versions),
+    # falling every round; accuracy 0.10 -> 0.62 and 0.15 -> 0.45 (10 classes: chance is 0.10).
+    assert (loss[1.0].diff().dropna() < 0).all(), loss[1.0].to_dict()
+    assert accuracy[1.0][0] <= 0.2 and accuracy[1.0][ROUNDS] >= 0.3, accuracy[1.0].to_dict()
+    assert loss[0.25][ROUNDS] < loss[0.25][0] - 0.02, loss[0.25].to_dict()  # 0.06 and 0.19
+    train_accuracy = store.read("rounds")["train-accuracy"]
+    assert train_accuracy.iloc[-1] > train_accuracy.iloc[0]  # the clients' own view agrees
 
 
 def test_resumed_run_matches_uninterrupted_run(runs):

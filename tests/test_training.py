@@ -79,12 +79,6 @@ def test_importance_by_hand_and_non_increasing() -> None:
         assert np.all(np.diff(imp) <= 0)
 
 
-def test_importance_from_arrays_equals_importance() -> None:
-    for layer in (_hand_layer(), LowRankLinear(30, 20, max_rank=12), LowRankConv2d(4, 16, 3)):
-        u, v = layer.U.detach().numpy(), layer.V.detach().numpy()
-        np.testing.assert_allclose(importance_from_arrays(u, v), importance(layer), rtol=1e-6)
-
-
 def test_component_sq_norms_by_hand() -> None:
     v_sq, u_sq = component_sq_norms(_hand_layer())
     torch.testing.assert_close(v_sq, torch.tensor([9.0, 16.0]))

@@ -20,7 +20,6 @@ from fl_maestro.width import (
     WidthMLP,
     build_width_model,
     width_model_from_arrays,
-    width_shapes,
 )
 from strategies.merge import check_reply, corner_arrays, merge_nested
 
@@ -168,12 +167,12 @@ def test_cnn_gradients_stay_inside_the_slice() -> None:
 
 @pytest.mark.parametrize("name, input_shape", [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)),
                                                ("resnet18", (3, 8, 8))])
-def test_width_shapes_are_the_shapes_of_the_model_built_at_those_widths(name, input_shape) -> None:
+def test_slice_shapes_are_the_shapes_of_the_model_built_at_those_widths(name, input_shape) -> None:
     full = build_width_model(name, input_shape, 10, device="meta")
     rng = np.random.default_rng(0)
     ranks = {n: int(rng.integers(1, r + 1)) for n, r in full.max_ranks().items()}  # uneven widths
     built = build_width_model(name, input_shape, 10, widths=ranks, device="meta")
-    assert width_shapes(name, input_shape, 10, ranks) == {
+    assert full.slice_shapes(ranks) == {
         k: tuple(v.shape) for k, v in built.state_dict().items()}
 
 
@@ -186,7 +185,7 @@ def test_client_model_from_a_slice_equals_the_global_model_at_those_ranks(
     rng = np.random.default_rng(1)
     ranks = model.ranks_at_fraction(fraction) if fraction else {
         n: int(rng.integers(1, r + 1)) for n, r in model.max_ranks().items()}
-    arrays = corner_arrays(model_arrays(model), width_shapes(name, input_shape, 10, ranks))
+    arrays = corner_arrays(model_arrays(model), model.slice_shapes(ranks))
     client = width_model_from_arrays(name, input_shape, 10, arrays)
     assert client.max_ranks() == ranks
     assert all(np.array_equal(v, arrays[k]) for k, v in model_arrays(client).items())
@@ -258,8 +257,9 @@ def test_uniform_budget_on_resnet() -> None:
 
 
 def test_importance_allocation_is_refused_for_width_models() -> None:
-    with pytest.raises(ValueError, match="no ordered factors"):
+    with pytest.raises(ValueError, match="WidthCNN has no low-rank layers.*not importance"):
         ranks_for_budget(WidthCNN(), 0.5, "importance")
+    assert set(WidthCNN().ranked_layers()) == set(WidthCNN().max_ranks())  # what ranks address
 
 
 # --------------------------------------------------------------------------- merge
