@@ -6,6 +6,7 @@ The model is built holding exactly the ranks it received, trained with ordered d
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -16,8 +17,10 @@ from flwr.clientapp import ClientApp
 from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
 from fl_maestro.models import model_arrays
-from fl_maestro.plans import local_sampler, model_for
+from fl_maestro.plans import HGL_BEYOND, TIER_GRID, local_training, model_for
 from fl_maestro.runtime import keep_freed_memory
+from fl_maestro.sampling import tier_grid
+from fl_maestro.width import build_width_model, set_scaler
 from fl_maestro.training import evaluate, train
 from strategies.records import to_numpy, to_record
 
@@ -57,6 +60,25 @@ def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server
             make_loader(x_train, y_train, val_idx, batch_size=256))
 
 
+def training_options(cfg: RunConfig, sent: ConfigRecord, model, loader) -> dict:
+    """``train``'s arguments as the strategy's paper has them: the sampler (FjORD's tier grid as
+    the server sent it), the loss, HGL's constants, HeteroFL's label mask and scaler."""
+    recipe = local_training(cfg)
+    sampler = recipe.sampler
+    if sampler == TIER_GRID:  # FjORD: the server sends the ranks of every tier <= this one
+        sampler = tier_grid(json.loads(str(sent[TIER_GRID])))
+    options = {"sampler": sampler, "distill": recipe.distill, "hgl_lambda": recipe.hgl_lambda}
+    if recipe.hgl_lambda > 0:
+        options["hgl_beyond"] = json.loads(str(sent[HGL_BEYOND]))
+    if recipe.masked_loss:  # the classes in this client's own training data
+        options["classes"] = torch.unique(loader.dataset.tensors[1]).tolist()
+    if recipe.scaler:
+        full = build_width_model(cfg.model, DATASET_SHAPES[cfg.dataset],
+                                 NUM_CLASSES[cfg.dataset], device="meta")
+        set_scaler(model, full.max_ranks())
+    return options
+
+
 @app.train()
 def train_prefix(msg: Message, context: Context) -> Message:
     """Train the received prefix with ordered dropout and return it with metrics."""
@@ -73,11 +95,12 @@ def train_prefix(msg: Message, context: Context) -> Message:
     # The received model on this device's own held-out data, at the ranks it runs: what a
     # device of this tier would see locally, before it trains.
     local = evaluate(model, val_loader)
-    sampler = local_sampler(cfg.strategy, cfg.sampler)
-    result = train(model, loader, model.max_ranks(), sampler, cfg.local_epochs, cfg.lr,
-                   cfg.momentum, cfg.weight_decay, cfg.distill, cfg.hgl_lambda,
+    options = training_options(cfg, msg.content["config"], model, loader)
+    result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
+                   cfg.lr, cfg.momentum, cfg.weight_decay, options.pop("distill"),
+                   options.pop("hgl_lambda"),
                    rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
-                   optimizer=cfg.optimizer)
+                   optimizer=cfg.optimizer, **options)
     metrics = MetricRecord({
         "num-examples": len(loader.dataset), "train-loss": result["loss"],
         "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],

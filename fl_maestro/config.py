@@ -14,11 +14,11 @@ from typing import Any
 
 from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
-from fl_maestro.models import COST_KINDS, MODELS
+from fl_maestro.models import COST_KINDS, MODELS, RANK_CAPS
 from fl_maestro.training import OPTIMIZERS
 from fl_maestro.sampling import SAMPLERS
 
-from fl_maestro.plans import STRATEGIES, WIDTH_STRATEGIES
+from fl_maestro.plans import RANK_STRATEGIES, STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,11 @@ KEYS: dict[str, Key] = {
     "device-mix": Key("0.2:0.2,0.4:0.2,0.6:0.2,0.8:0.2,1.0:0.2",
                       "'budget:share,...' with budgets in (0, 1] and shares summing to 1", _mix),
     "rank-allocation": Key("uniform", f"one of {ALLOCATIONS}", lambda v: v in ALLOCATIONS),
-    "cost": Key("macs", f"one of {COST_KINDS}", lambda v: v in COST_KINDS),
+    "cost": Key("macs", f"one of {COST_KINDS} (budgets are fractions of the dense model's cost)",
+                lambda v: v in COST_KINDS),
+    "rank-cap": Key("dense", f"one of {RANK_CAPS} (dense: a factorised layer's maximum rank is "
+                    "the largest whose factor pair costs no more than its dense layer; none: "
+                    "min(out, fan_in))", lambda v: v in RANK_CAPS),
     "partitioner": Key("dirichlet", f"one of {PARTITIONERS}", lambda v: v in PARTITIONERS),
     "alpha": Key(0.5, "a number > 0 (Dirichlet concentration)", _number(0, math.inf, True)),
     "classes-per-client": Key(2, "an integer >= 1", _int(1)),
@@ -95,8 +99,19 @@ KEYS: dict[str, Key] = {
     "optimizer": Key("corner", f"one of {OPTIMIZERS} (corner: a step updates only the "
                      "components it trains, momentum included; sgd: torch.optim.SGD)",
                      lambda v: v in OPTIMIZERS),
-    "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))}", lambda v: v in SAMPLERS),
-    "distill": Key(False, "true or false", _is_bool),
+    "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))} (single-layer: Maestro's "
+                   "per-layer draw, a layer's chance proportional to its ranks)",
+                   lambda v: v in SAMPLERS),
+    "distill": Key(True, "true or false (Maestro's self-distilling loss; false: plain ordered "
+                   "dropout)", _is_bool),
+    "fjord-kd": Key(False, "true or false (FjORD's knowledge distillation from p_max)", _is_bool),
+    "heterofl-masked-loss": Key(True, "true or false (HeteroFL's cross-entropy over the classes "
+                                "in the client's data)", _is_bool),
+    "heterofl-scaler": Key(True, "true or false (HeteroFL's scaler: sliced layers' outputs "
+                           "divided by the client's width rate in training)", _is_bool),
+    "heterofl-merge-weight": Key("clients", "one of ('clients', 'examples') (HeteroFL averages "
+                                 "each element over the clients holding it, by count)",
+                                 lambda v: v in ("clients", "examples")),
     "hgl-lambda": Key(0.0, "a number >= 0", _number(0, math.inf)),
     "shrink-every": Key(0, "an integer >= 0 (rounds between progressive shrinking; 0: off)",
                         _int(0)),
@@ -125,6 +140,7 @@ class RunConfig:
     device_mix: str
     rank_allocation: str
     cost: str
+    rank_cap: str
     partitioner: str
     alpha: float
     classes_per_client: int
@@ -137,6 +153,10 @@ class RunConfig:
     optimizer: str
     sampler: str
     distill: bool
+    fjord_kd: bool
+    heterofl_masked_loss: bool
+    heterofl_scaler: bool
+    heterofl_merge_weight: str
     hgl_lambda: float
     shrink_every: int
     shrink_threshold: float
@@ -184,17 +204,35 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
+# Keys only some strategies read, and which. Under any other strategy a value other than the
+# default is refused: the strategy would ignore it. (Flower fills every key in from pyproject, so
+# a key at its default cannot be told from one the user left out; the default is always accepted.)
+_BUDGETED = tuple(s for s in STRATEGIES if s != "fedavg-full")
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "sampler": ("rankwise",),
+    "distill": ("rankwise",),
+    "hgl-lambda": ("rankwise",),
+    "shrink-every": ("rankwise",),
+    "shrink-threshold": ("rankwise",),
+    "rank-allocation": ("rankwise", "fedavg-smallest", "fedavg-exclusive"),
+    "init": RANK_STRATEGIES,
+    "rank-cap": RANK_STRATEGIES,
+    "cost": _BUDGETED,
+    "fjord-kd": ("fjord",),
+    "heterofl-masked-loss": ("heterofl",),
+    "heterofl-scaler": ("heterofl",),
+    "heterofl-merge-weight": ("heterofl",),
+}
+
+
 def _check_combination(cfg: RunConfig) -> None:
     """Refuse settings that each pass alone but make no sense together."""
-    if cfg.strategy in WIDTH_STRATEGIES:
-        factor_only = {"rank-allocation": ("importance",), "hgl-lambda": None,
-                       "shrink-every": None, "init": None}
-        for key, bad in factor_only.items():
-            value = getattr(cfg, key.replace("-", "_"))
-            if (bad is not None and value in bad) or (bad is None and value != KEYS[key].default):
-                raise ValueError(f"run-config key {key!r} = {value!r} needs ordered factors, which "
-                                 f"strategy {cfg.strategy!r} (width-sliced) does not have: leave "
-                                 f"it at {KEYS[key].default!r}")
+    for key, strategies in STRATEGY_KEYS.items():
+        value = getattr(cfg, key.replace("-", "_"))
+        if cfg.strategy not in strategies and value != KEYS[key].default:
+            raise ValueError(f"run-config key {key!r} = {value!r} is ignored by strategy "
+                             f"{cfg.strategy!r}: allowed only under strategy {list(strategies)}; "
+                             f"leave it at {KEYS[key].default!r}")
 
 
 def defaults() -> dict[str, Any]:

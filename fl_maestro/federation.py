@@ -9,6 +9,7 @@ rank fractions and at every tier's ranks, appends the rows to ``results/<run>/``
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -25,9 +26,10 @@ from fl_maestro.budgets import assign_budgets, parse_mix
 from fl_maestro.config import RunConfig
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
-from fl_maestro.plans import build_for, is_width, model_for, plan_ranks, takes_part
+from fl_maestro.plans import (HGL_BEYOND, TIER_GRID, build_for, is_width, local_training, model_for,
+                              plan_ranks, takes_part, tier_grid_ranks)
 from fl_maestro.results import RunStore
-from fl_maestro.shrinking import importance_from_arrays, shrink_ranks
+from fl_maestro.shrinking import importance_from_arrays, shrink_ranks, tail_constants
 from fl_maestro.training import evaluate
 from strategies.merge import factor_layer, prefix_arrays
 from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
@@ -92,23 +94,21 @@ def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, floa
 
 
 def evaluation_rows(model: RankedModel, loader, fractions: list[float], server_round: int,
-                    tier_ranks: Mapping[float, Mapping[str, int]],
-                    full_macs: float | None = None) -> list[dict]:
+                    tier_ranks: Mapping[float, Mapping[str, int]]) -> list[dict]:
     """Tidy rows of the global model's accuracy, loss and cost at every fraction and tier.
 
-    ``relative-macs`` is relative to ``full_macs`` (default: the model's own full-rank MACs),
-    ``dense-relative-macs`` to the same network undecomposed.
+    ``dense-relative-macs`` is relative to the same network undecomposed (what budgets are
+    fractions of; shrinking does not change it).
     """
     levels = [("fraction", p, model.ranks_at_fraction(p)) for p in fractions]
     levels += [("tier", b, ranks) for b, ranks in tier_ranks.items()]
-    full_macs = model.cost(kind="macs") if full_macs is None else full_macs
     dense_macs = model.dense_cost("macs")
     rows = []
     for kind, level, ranks in levels:
         result = evaluate(model, loader, ranks)
         macs = model.cost(ranks, "macs")
         values = {"accuracy": result["accuracy"], "loss": result["loss"], "macs": macs,
-                  "params": model.cost(ranks, "params"), "relative-macs": macs / full_macs,
+                  "params": model.cost(ranks, "params"),
                   "dense-relative-macs": macs / dense_macs, "eval-examples": result["examples"]}
         rows += [{"round": server_round, "kind": kind, "level": level, "metric": k, "value": v}
                  for k, v in values.items()]
@@ -123,6 +123,18 @@ def shrink_arrays(arrays: Mapping[str, np.ndarray], threshold: float) -> dict[st
     return prefix_arrays(arrays, shrink_ranks(importances, threshold))
 
 
+def initial_arrays(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = build_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
+                          NUM_CLASSES[cfg.dataset], rank_cap=cfg.rank_cap)
+    if cfg.init.startswith("svd:"):
+        load_dense_state(model, load_file(cfg.init[4:]))
+        log.info("initialised every factor pair by SVD of %s", cfg.init[4:])
+    return model_arrays(model)
+
+
 class Federation:
     """The state of one run: global arrays, strategy, evaluation data and the results folder."""
 
@@ -131,17 +143,17 @@ class Federation:
         self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
         self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
         strategy_class = WidthFedAvg if is_width(cfg.strategy) else RankWiseFedAvg
-        self.strategy = strategy_class(cfg.clients_per_round, seed=cfg.seed)
+        weight = cfg.heterofl_merge_weight if cfg.strategy == "heterofl" else "examples"
+        self.strategy = strategy_class(cfg.clients_per_round, seed=cfg.seed, merge_weight=weight)
         self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
         self.start_round = 1
-        # Budgets are fractions of the full-rank factorised model's cost, for every strategy:
-        # a width-sliced baseline's device gets the MACs a rank-wise device of its tier gets
-        # (capped at its dense model), and shrinking never changes what a device affords.
-        original = build_model(cfg.model, self.shape, self.classes, "meta")
-        self.reference_cost = original.cost(kind=cfg.cost)
-        self.reference_macs = original.cost(kind="macs")
+        # Budgets are fractions of the dense (undecomposed) model's cost, for every strategy:
+        # a width-sliced baseline's device gets the MACs a rank-wise device of its tier gets,
+        # and shrinking never changes what a device affords.
+        self.reference_cost = build_model(cfg.model, self.shape, self.classes, "meta",
+                                          "none").dense_cost(cfg.cost)
         if cfg.resume and self.store.has_checkpoint():
             self._resume()
         elif self.store.has_checkpoint():
@@ -149,19 +161,10 @@ class Federation:
                              "it, or choose another run-name")
         else:
             self.store.clear()  # leftovers of a run killed before its first checkpoint
-            self.arrays = self._initial_arrays()
+            self.arrays = initial_arrays(cfg)
         self.store.write_config(cfg.to_dict())
         _, _, self.test_x, self.test_y = load_dataset(cfg.dataset)
 
-    def _initial_arrays(self) -> dict[str, np.ndarray]:
-        """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
-        with torch.random.fork_rng():
-            torch.manual_seed(self.cfg.seed)
-            model = build_for(self.cfg.strategy, self.cfg.model, self.shape, self.classes)
-        if self.cfg.init.startswith("svd:"):
-            load_dense_state(model, load_file(self.cfg.init[4:]))
-            log.info("initialised every factor pair by SVD of %s", self.cfg.init[4:])
-        return model_arrays(model)
 
     def _resume(self) -> None:
         saved = self.store.read_config()
@@ -206,9 +209,25 @@ class Federation:
         model = self.global_model()
         ranks = {b: self.plan(model, b) for b in set(self.budgets.values())}
         shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
+        extra = {b: self.client_config(model, b, r) for b, r in ranks.items()}
         self.strategy.set_clients({
-            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b])
+            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b])
             for n, b in self.budgets.items() if takes_part(self.cfg.strategy, b)})
+
+    def client_config(self, model: RankedModel, budget: float,
+                      ranks: Mapping[str, int]) -> dict[str, str]:
+        """What a device needs beside its slice: FjORD's tier grid; for HGL, the squared norms
+        of the components past its ranks (its groups are the global model's groups)."""
+        cfg = self.cfg
+        recipe = local_training(cfg)
+        extra = {}
+        if recipe.sampler == TIER_GRID:
+            grid = tier_grid_ranks(cfg.strategy, model, budget, self.tiers, cfg.cost,
+                                   self.reference_cost)
+            extra[TIER_GRID] = json.dumps(grid)
+        if recipe.hgl_lambda > 0:
+            extra[HGL_BEYOND] = json.dumps(tail_constants(self.arrays, ranks))
+        return extra
 
     def evaluate(self, server_round: int, final: bool = False) -> list[dict]:
         """Evaluate the global model (on the whole test set for the final round)."""
@@ -219,8 +238,7 @@ class Federation:
         loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200)
         model = self.global_model()
         tiers = {b: self.plan(model, b) for b in self.tiers}
-        return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,
-                               self.reference_macs)
+        return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers)
 
     def train_round(self, server_round: int) -> dict:
         """One round of planning, sampling, local training, merging and shrinking."""
@@ -327,4 +345,4 @@ def tier_table(evaluation: pd.DataFrame, server_round: int) -> pd.DataFrame:
     rows = evaluation[(evaluation["round"] == server_round) & (evaluation["kind"] == "tier")]
     table = rows.pivot_table(index="level", columns="metric", values="value")
     table.index.name = "budget"
-    return table[["accuracy", "relative-macs", "dense-relative-macs", "params", "eval-examples"]]
+    return table[["accuracy", "dense-relative-macs", "params", "eval-examples"]]

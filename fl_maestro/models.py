@@ -205,6 +205,38 @@ class CNN(RankedModel):
         return self.classifier(torch.relu(self.fc(x.flatten(1))))
 
 
+def lenet_flat_features(input_shape: tuple[int, ...]) -> int:
+    """Features after LeNet's two 5x5 convs (no padding) and 2x2 max-pools: 16 * 4 * 4 at 28x28."""
+    _, h, w = input_shape
+    h2, w2 = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    if h2 < 1 or w2 < 1:
+        raise ValueError(f"LeNet needs inputs of at least 16x16 pixels, got {tuple(input_shape)}")
+    return 16 * h2 * w2
+
+
+class LeNet(RankedModel):
+    """LeNet-5 as Maestro runs it on MNIST (NIID-Bench's "simple CNN"): conv 6@5x5, max-pool 2,
+    conv 16@5x5, max-pool 2, fc 120, fc 84, classifier; no padding (28 -> 24 -> 12 -> 8 -> 4).
+
+    Factorised as the other models: dense first conv and classifier, the rest low-rank.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.conv1 = nn.Conv2d(input_shape[0], 6, 5)
+        self.conv2 = LowRankConv2d(6, 16, 5)
+        self.fc1 = LowRankLinear(lenet_flat_features(input_shape), 120)
+        self.fc2 = LowRankLinear(120, 84)
+        self.classifier = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1)))))
+        return self.classifier(x)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     """GroupNorm: batch-independent, so clients at different ranks and data share it safely."""
     return nn.GroupNorm(min(32, channels // 2), channels)
@@ -251,16 +283,39 @@ class ResNet18(RankedModel):
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}
+MODELS = {"mlp": MLP, "cnn": CNN, "lenet": LeNet, "resnet18": ResNet18}
+# How a factorised layer's maximum rank is bounded. A full-rank pair always costs more than the
+# dense layer it replaces (min(a, b) * (a + b) > a * b), so keeping such layers dense would keep
+# every layer dense: the choice is to cap the rank ("dense") or not ("none", Maestro's code).
+RANK_CAPS = ("dense", "none")
+
+
+def dense_cost_ranks(model: RankedModel) -> dict[str, int]:
+    """Each layer's largest rank whose factor pair costs no more than its dense layer.
+
+    ``r * (fan_in + out) <= out * fan_in``, the same bound for MACs and parameters (at least 1).
+    """
+    return {n: max(1, min(m.max_rank, m.dense_macs() // (m.fan_in + m.out_features)))
+            for n, m in model.low_rank_layers().items()}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
-                device: torch.device | str | None = None) -> RankedModel:
-    """Build a registered model at full rank; ``device="meta"`` skips initialisation entirely."""
+                device: torch.device | str | None = None, rank_cap: str = "dense") -> RankedModel:
+    """Build a registered model at its maximum ranks; ``device="meta"`` skips initialisation.
+
+    ``rank_cap="dense"`` caps every factorised layer at ``dense_cost_ranks`` (its best rank-R
+    approximation of the initial dense draw), so the full model never costs more than the dense
+    one; ``"none"`` keeps the full rank ``min(out, fan_in)``.
+    """
     if name not in MODELS:
         raise ValueError(f"model {name!r} is not allowed: use one of {sorted(MODELS)}")
+    if rank_cap not in RANK_CAPS:
+        raise ValueError(f"rank cap {rank_cap!r} is not allowed: use one of {RANK_CAPS}")
     with torch.device(device or "cpu"):
-        return MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes)
+        model = MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes)
+    if rank_cap == "dense":
+        model.truncate(dense_cost_ranks(model))
+    return model
 
 
 def model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,

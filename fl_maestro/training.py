@@ -4,7 +4,10 @@
 the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
 ``CE(full pass, y) + CE(sampled pass, softmax(full pass).detach())``, "full" meaning the client's
 maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. ``hgl_lambda`` adds the
-hierarchical group lasso.
+hierarchical group lasso (with ``hgl_beyond``, the server's constants for the components the client
+does not hold, it is the global penalty restricted to the client's components). ``classes`` masks the
+loss as HeteroFL does: the logits of classes outside the client's data are set to 0, so their
+classifier rows get no gradient from it.
 
 With ``optimizer="corner"`` (the default) each step reads and writes only the components it
 trains (``fl_maestro.optim``): the client's maximum ranks with the self-distilling loss or HGL,
@@ -42,7 +45,9 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
           sampler: str | Sampler = "single-layer", epochs: int = 1, lr: float = 0.05,
           momentum: float = 0.9, weight_decay: float = 1e-4, distill: bool = True,
           hgl_lambda: float = 0.0, rng: np.random.Generator | None = None,
-          optimizer: str = "corner") -> dict[str, float]:
+          optimizer: str = "corner",
+          hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
+          classes: Iterable[int] | None = None) -> dict[str, float]:
     """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
 
     Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
@@ -55,6 +60,10 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     step = make_step(model, optimizer, lr, momentum, weight_decay, max_ranks)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
+    absent = None
+    if classes is not None:  # HeteroFL's label mask: True where a class is not in the data
+        absent = torch.ones(model.classifier.out_features, dtype=torch.bool, device=device)
+        absent[list(classes)] = False
     start, steps, macs = time.perf_counter(), 0, 0
     model.train()
     for epoch in range(epochs):
@@ -64,7 +73,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
             ranks = draw(max_ranks, rng)
             trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
             loss, logits = step(trained, lambda: _step_loss(model, x, y, max_ranks, ranks, distill,
-                                                            hgl_lambda))
+                                                            hgl_lambda, hgl_beyond, absent))
             steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -122,21 +131,27 @@ def _decay_corners(model: RankedModel, corners: Mapping[str, tuple[int, ...]], w
 
 
 def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: Mapping[str, int],
-               ranks: Mapping[str, int], distill: bool, hgl_lambda: float):
+               ranks: Mapping[str, int], distill: bool, hgl_lambda: float,
+               hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
+               absent: torch.Tensor | None = None):
     """The step's loss and the logits of the pass trained on the labels."""
+    def forward() -> torch.Tensor:
+        logits = model(x)
+        return logits if absent is None else logits.masked_fill(absent, 0.0)
+
     if distill:
         model.set_ranks(max_ranks)
-        full_logits = model(x)
+        full_logits = forward()
         model.set_ranks(ranks)
-        sampled = model(x)
+        sampled = forward()
         teacher = F.softmax(full_logits.detach(), dim=1)
         loss, logits = F.cross_entropy(full_logits, y) + F.cross_entropy(sampled, teacher), full_logits
     else:
         model.set_ranks(ranks)
-        logits = model(x)
+        logits = forward()
         loss = F.cross_entropy(logits, y)
     if hgl_lambda > 0:
-        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks)
+        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks, hgl_beyond)
     return loss, logits
 
 

@@ -91,7 +91,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "distillation and HGL against the five baselines, equal budgets, 3 seeds",
              overrides={"num-rounds": 15, "eval-every": 5}, seeds=(0, 1, 2),
              axes=(grouped_axis("method", {
-                 "rankwise": {"strategy": "rankwise"},
+                 "rankwise": {"strategy": "rankwise"},  # Maestro's loss (the default)
+                 "rankwise-plain-od": {"strategy": "rankwise", "distill": False},
                  "rankwise-distill-hgl": {"strategy": "rankwise", "distill": True,
                                           "hgl-lambda": 1e-4},
                  "fedavg-full": {"strategy": "fedavg-full"},

@@ -35,6 +35,7 @@ class ClientSpec:
     budget: float
     ranks: Mapping[str, int] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] | None = None  # the slice's shapes, when not a prefix
+    config: Mapping[str, int | float | str | bool] = field(default_factory=dict)  # sent with it
 
 
 def _placeholder(array: np.ndarray) -> np.ndarray:
@@ -48,10 +49,16 @@ class RankWiseFedAvg(FedAvg):
 
     cut_shared = False  # rank-wise replies keep shared arrays whole; width baselines cut them
 
-    def __init__(self, clients_per_round: int, seed: int = 0, **fedavg_kwargs) -> None:
+    def __init__(self, clients_per_round: int, seed: int = 0, merge_weight: str = "examples",
+                 **fedavg_kwargs) -> None:
+        if merge_weight not in ("examples", "clients"):
+            raise ValueError(f"merge_weight {merge_weight!r} is not allowed: use 'examples' or "
+                             "'clients'")
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(min_train_nodes=clients_per_round, **fedavg_kwargs)
         self.clients_per_round = clients_per_round
+        # FedAvg weighs a reply by its examples; HeteroFL counts clients (every reply weighs 1).
+        self.merge_weight = merge_weight
         self.rng = np.random.default_rng(seed)
         self.clients: dict[int, ClientSpec] = {}
         self.client_rows: list[dict] = []  # one row per client reply of the last round
@@ -91,7 +98,7 @@ class RankWiseFedAvg(FedAvg):
             sliced = self.client_arrays(spec, self._sent)
             self._bytes_down[node_id] = nbytes(sliced)
             self._sent_shapes[node_id] = {k: _placeholder(a) for k, a in sliced.items()}
-            node_config = ConfigRecord({**config, "server-round": server_round,
+            node_config = ConfigRecord({**config, **spec.config, "server-round": server_round,
                                         "budget": spec.budget})
             content = RecordDict({self.arrayrecord_key: to_record(sliced),
                                   self.configrecord_key: node_config})
@@ -140,7 +147,7 @@ class RankWiseFedAvg(FedAvg):
             "round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
             **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
             "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": nbytes(arrays)})
-        return arrays, float(examples)
+        return arrays, 1.0 if self.merge_weight == "clients" else float(examples)
 
     def _round_metrics(self, dropped: int) -> MetricRecord:
         """Example-weighted training loss and accuracy plus round totals."""

@@ -72,7 +72,7 @@ def test_results_files_hold_every_round_tier_and_client(runs):
     assert accuracy.between(0, 1).all()
     final = tiers[(tiers["round"] == ROUNDS) & (tiers["metric"] == "eval-examples")]
     assert (final["value"] == 360).all()  # the whole digits test split
-    relative = tiers[(tiers["round"] == ROUNDS) & (tiers["metric"] == "relative-macs")]
+    relative = tiers[(tiers["round"] == ROUNDS) & (tiers["metric"] == "dense-relative-macs")]
     assert relative.set_index("level")["value"][0.25] <= 0.25
     clients = store.read("clients")
     assert len(clients) == ROUNDS * 3
