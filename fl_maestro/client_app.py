@@ -108,5 +108,7 @@ def train_prefix(msg: Message, context: Context) -> Message:
         "val-accuracy": local["accuracy"], "val-loss": local["loss"],
         "val-examples": local["examples"],
     })
+    if "classes" in options:  # HeteroFL merges the output rows of these classes only
+        metrics["classes"] = [int(c) for c in options["classes"]]
     content = RecordDict({"arrays": to_record(model_arrays(model)), "metrics": metrics})
     return Message(content=content, reply_to=msg)

@@ -37,6 +37,8 @@ from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
+# The output layer's arrays (rows = classes) of every model: HeteroFL merges a client's rows only.
+OUTPUT_ROWS = ("classifier.weight", "classifier.bias")
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
 RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every", "results-dir"})
 
@@ -143,8 +145,11 @@ class Federation:
         self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
         self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
         strategy_class = WidthFedAvg if is_width(cfg.strategy) else RankWiseFedAvg
-        weight = cfg.heterofl_merge_weight if cfg.strategy == "heterofl" else "examples"
-        self.strategy = strategy_class(cfg.clients_per_round, seed=cfg.seed, merge_weight=weight)
+        heterofl = cfg.strategy == "heterofl"
+        self.strategy = strategy_class(
+            cfg.clients_per_round, seed=cfg.seed,
+            merge_weight=cfg.heterofl_merge_weight if heterofl else "examples",
+            label_rows=OUTPUT_ROWS if heterofl and cfg.heterofl_masked_loss else ())
         self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}

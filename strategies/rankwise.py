@@ -50,7 +50,7 @@ class RankWiseFedAvg(FedAvg):
     cut_shared = False  # rank-wise replies keep shared arrays whole; width baselines cut them
 
     def __init__(self, clients_per_round: int, seed: int = 0, merge_weight: str = "examples",
-                 **fedavg_kwargs) -> None:
+                 label_rows: tuple[str, ...] = (), **fedavg_kwargs) -> None:
         if merge_weight not in ("examples", "clients"):
             raise ValueError(f"merge_weight {merge_weight!r} is not allowed: use 'examples' or "
                              "'clients'")
@@ -59,6 +59,9 @@ class RankWiseFedAvg(FedAvg):
         self.clients_per_round = clients_per_round
         # FedAvg weighs a reply by its examples; HeteroFL counts clients (every reply weighs 1).
         self.merge_weight = merge_weight
+        # Arrays whose rows are classes, merged only on the rows of the classes a client reports
+        # in its "classes" metric (HeteroFL's masked output layer).
+        self.label_rows = tuple(label_rows)
         self.rng = np.random.default_rng(seed)
         self.clients: dict[int, ClientSpec] = {}
         self.client_rows: list[dict] = []  # one row per client reply of the last round
@@ -113,21 +116,23 @@ class RankWiseFedAvg(FedAvg):
         """Validate every reply, drop and count bad ones, merge the rest rank by rank."""
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         valid.sort(key=lambda m: self.clients[m.metadata.src_node_id].partition_id)
-        good, self.client_rows = [], []
+        good, rows, self.client_rows = [], [], []
         for message in valid:
             accepted = self._accept(server_round, message)
             if accepted is not None:
-                good.append(accepted)
+                good.append(accepted[:2])
+                rows.append(accepted[2])
         dropped = len(self._bytes_down) - len(good)  # bad, failed or never answered
         self.dropped_total += dropped
         if not good:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
             return None, MetricRecord({"dropped": dropped})
-        merged = merge_nested(self._sent, good)
+        merged = merge_nested(self._sent, good, rows)
         return to_record(merged), self._round_metrics(dropped)
 
-    def _accept(self, server_round: int, message: Message) -> tuple[Arrays, float] | None:
-        """The reply's (arrays, weight) if it passes every check, else None (logged)."""
+    def _accept(self, server_round: int, message: Message
+                ) -> tuple[Arrays, float, dict[str, np.ndarray] | None] | None:
+        """The reply's (arrays, weight, label rows) if it passes every check, else None (logged)."""
         node_id = message.metadata.src_node_id
         spec = self.clients[node_id]
         try:
@@ -139,6 +144,7 @@ class RankWiseFedAvg(FedAvg):
             examples = metrics.get(self.weighted_by_key)
             # Against what this node was sent: a reply may not grow past its own slice.
             check_reply(self._sent_shapes[node_id], arrays, examples, cut_shared=self.cut_shared)
+            rows = self._label_rows(metrics.get("classes")) if self.label_rows else None
         except InvalidReply as err:
             log.warning("round %d: dropped reply of partition %d: %s", server_round,
                         spec.partition_id, err)
@@ -147,7 +153,16 @@ class RankWiseFedAvg(FedAvg):
             "round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
             **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
             "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": nbytes(arrays)})
-        return arrays, 1.0 if self.merge_weight == "clients" else float(examples)
+        return arrays, 1.0 if self.merge_weight == "clients" else float(examples), rows
+
+    def _label_rows(self, classes: object) -> dict[str, np.ndarray]:
+        """The rows of ``label_rows`` arrays a reply's ``classes`` metric covers."""
+        outputs = min(self._sent[name].shape[0] for name in self.label_rows)
+        if not isinstance(classes, list) or not classes or len(set(classes)) != len(classes) \
+                or not all(isinstance(c, int) and 0 <= c < outputs for c in classes):
+            raise InvalidReply(f"'classes' metric must list distinct class indices in "
+                               f"0..{outputs - 1}, got {classes!r}")
+        return {name: np.array(sorted(classes)) for name in self.label_rows}
 
     def _round_metrics(self, dropped: int) -> MetricRecord:
         """Example-weighted training loss and accuracy plus round totals."""

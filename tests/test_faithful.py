@@ -25,7 +25,7 @@ from fl_maestro.results import RunStore
 from simulations.inprocess import InProcessGrid
 from simulations.scenarios import SCENARIOS
 from simulations.sweep import build_cells
-from strategies.merge import prefix_arrays
+from strategies.merge import merge_nested, prefix_arrays
 from strategies.rankwise import ClientSpec, WidthFedAvg
 from strategies.records import to_numpy, to_record
 
@@ -233,23 +233,59 @@ def test_scaler_divides_sliced_outputs_by_the_rate_in_training_only():
     assert half.classifier.train_scale == 1.0  # the classifier's output is not sliced
 
 
+def _merge_two(monkeypatch, strategy, arrays, replies) -> dict:
+    """Send ``arrays`` to two clients and merge their ``(arrays, metrics)`` replies."""
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    strategy.set_clients({7: ClientSpec(0, 1.0), 8: ClientSpec(1, 1.0)})
+    grid = type("Grid", (), {"get_node_ids": lambda self: [7, 8]})()
+    sent = list(strategy.configure_train(1, to_record(arrays), ConfigRecord(), grid))
+    messages = [Message(content=RecordDict({"arrays": to_record(a), "metrics": MetricRecord(m)}),
+                        reply_to=message) for message, (a, m) in zip(sent, replies)]
+    merged, _ = strategy.aggregate_train(1, messages)
+    return to_numpy(merged) if merged is not None else {}
+
+
 @pytest.mark.parametrize(("weight", "expected"), [("clients", 2.0), ("examples", 2.5)])
 def test_heterofl_merges_by_client_count(monkeypatch, weight, expected):
     """HeteroFL: each element is the plain mean over the clients holding it, whatever their
     example counts (10 and 30 here); ``heterofl-merge-weight=examples`` weighs as FedAvg does."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-    strategy = WidthFedAvg(2, merge_weight=weight)
-    strategy.set_clients({7: ClientSpec(0, 1.0), 8: ClientSpec(1, 1.0)})
-    arrays = {"w": np.zeros((2, 3), np.float32)}
-    grid = type("Grid", (), {"get_node_ids": lambda self: [7, 8]})()
-    sent = list(strategy.configure_train(1, to_record(arrays), ConfigRecord(), grid))
-    replies = []
-    for message, (value, examples) in zip(sent, [(1.0, 10), (3.0, 30)]):
-        content = RecordDict({"arrays": to_record({"w": np.full((2, 3), value, np.float32)}),
-                              "metrics": MetricRecord({"num-examples": examples})})
-        replies.append(Message(content=content, reply_to=message))
-    merged, _ = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(to_numpy(merged)["w"], expected)
+    replies = [({"w": np.full((2, 3), v, np.float32)}, {"num-examples": n})
+               for v, n in [(1.0, 10), (3.0, 30)]]
+    merged = _merge_two(monkeypatch, WidthFedAvg(2, merge_weight=weight),
+                        {"w": np.zeros((2, 3), np.float32)}, replies)
+    np.testing.assert_allclose(merged["w"], expected)
     with pytest.raises(ValueError, match="merge_weight"):
         WidthFedAvg(2, merge_weight="bytes")
+
+
+def test_merge_can_narrow_a_reply_to_rows():
+    zeros = {"w": np.zeros((4, 2), np.float32), "b": np.zeros(4, np.float32)}
+    one = {k: np.ones_like(v) for k, v in zeros.items()}
+    three = {k: np.full_like(v, 3.0) for k, v in zeros.items()}
+    merged = merge_nested(zeros, [(one, 1.0), (three, 1.0)],
+                          [{"w": np.array([0, 1]), "b": np.array([0, 1])}, {"w": np.array([1, 2])}])
+    np.testing.assert_allclose(merged["w"][:, 0], [1, 2, 3, 0])  # row 3: nobody's, kept
+    np.testing.assert_allclose(merged["b"], [2, 2, 3, 3])
+    with pytest.raises(ValueError, match="rows has 1 entries for 2 replies"):
+        merge_nested(zeros, [(one, 1.0), (three, 1.0)], [None])
+
+
+def test_heterofl_merges_output_rows_of_each_clients_classes_only(monkeypatch):
+    """Client 0 holds classes 0 and 1, client 1 classes 1 and 2: row 1 is their mean, rows 0 and
+    2 each one client's, row 3 keeps its value; other arrays merge whole. A reply whose classes
+    metric is missing or out of range is dropped."""
+    arrays = {"classifier.weight": np.full((4, 2), 9, np.float32),
+              "classifier.bias": np.full(4, 9, np.float32), "fc.weight": np.zeros((2, 2), np.float32)}
+    strategy = WidthFedAvg(2, merge_weight="clients",
+                           label_rows=("classifier.weight", "classifier.bias"))
+    replies = [({k: np.full_like(v, value) for k, v in arrays.items()},
+                {"num-examples": 5, "classes": classes})
+               for value, classes in [(1.0, [0, 1]), (3.0, [2, 1])]]
+    merged = _merge_two(monkeypatch, strategy, arrays, replies)
+    np.testing.assert_allclose(merged["classifier.weight"][:, 1], [1, 2, 3, 9])
+    np.testing.assert_allclose(merged["classifier.bias"], [1, 2, 3, 9])
+    np.testing.assert_allclose(merged["fc.weight"], 2.0)
+    replies[1][1]["classes"] = [1, 4]
+    merged = _merge_two(monkeypatch, strategy, arrays, replies)
+    np.testing.assert_allclose(merged["classifier.bias"], [1, 1, 9, 9])  # the bad reply dropped

@@ -246,6 +246,8 @@ def test_heterofl_trains_with_its_masked_loss_and_scaler(tmp_path, monkeypatch):
     for c in calls:
         assert len(c["classes"]) == 2 and set(c["classes"]) <= set(range(10))
         assert c["scales"] == {n: c["max_ranks"][n] / full[n] for n in full}
+    clients = RunStore(tmp_path / "run").read("clients")
+    assert len(clients) == len(calls)  # every reply's classes were accepted for the merge
 
 
 @pytest.mark.parametrize("switch", ["heterofl-masked-loss", "heterofl-scaler"])
