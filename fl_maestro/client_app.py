@@ -14,6 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_maestro.components import coverage_metrics
 from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
 from fl_maestro.models import model_arrays
@@ -97,8 +98,8 @@ def train_prefix(msg: Message, context: Context) -> Message:
     local = evaluate(model, val_loader)
     options = training_options(cfg, msg.content["config"], model, loader)
     result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
-                   cfg.lr, cfg.momentum, cfg.weight_decay, options.pop("distill"),
-                   options.pop("hgl_lambda"),
+                   cfg.lr_at(server_round), cfg.momentum, cfg.weight_decay,
+                   options.pop("distill"), options.pop("hgl_lambda"),
                    rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
                    optimizer=cfg.optimizer, **options)
     metrics = MetricRecord({
@@ -107,6 +108,7 @@ def train_prefix(msg: Message, context: Context) -> Message:
         "train-macs": result["macs"], "steps": result["steps"],
         "val-accuracy": local["accuracy"], "val-loss": local["loss"],
         "val-examples": local["examples"],
+        **coverage_metrics(result["coverage"]),
     })
     if "classes" in options:  # HeteroFL merges the output rows of these classes only
         metrics["classes"] = [int(c) for c in options["classes"]]

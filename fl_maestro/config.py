@@ -94,6 +94,8 @@ KEYS: dict[str, Key] = {
     "local-epochs": Key(1, "an integer >= 1", _int(1)),
     "batch-size": Key(32, "an integer >= 1", _int(1)),
     "lr": Key(0.05, "a number > 0", _number(0, math.inf, True)),
+    "lr-decay": Key(1.0, "a number in (0, 1] (round t trains at lr * lr-decay^(t-1))",
+                    _number(0, 1, True)),
     "momentum": Key(0.9, "a number in [0, 1]", _number(0, 1)),
     "weight-decay": Key(1e-4, "a number >= 0", _number(0, math.inf)),
     "optimizer": Key("corner", f"one of {OPTIMIZERS} (corner: a step updates only the "
@@ -148,6 +150,7 @@ class RunConfig:
     local_epochs: int
     batch_size: int
     lr: float
+    lr_decay: float
     momentum: float
     weight_decay: float
     optimizer: str
@@ -169,6 +172,10 @@ class RunConfig:
     def fractions(self) -> list[float]:
         """The rank fractions the global model is evaluated at."""
         return [float(x) for x in self.eval_fractions.split(",")]
+
+    def lr_at(self, server_round: int) -> float:
+        """The local learning rate of round ``server_round`` (1-based): exponential decay."""
+        return self.lr * self.lr_decay ** (server_round - 1)
 
     @property
     def name(self) -> str:

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from safetensors.numpy import load_file
 
 from fl_maestro.budgets import assign_budgets, parse_mix
+from fl_maestro.components import component_rows, coverage_from_metrics
 from fl_maestro.config import RunConfig
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
@@ -161,12 +162,14 @@ class Federation:
                                           "none").dense_cost(cfg.cost)
         if cfg.resume and self.store.has_checkpoint():
             self._resume()
+            self.initial = self.store.load_initial()
         elif self.store.has_checkpoint():
             raise ValueError(f"{self.store.root} already holds a run: pass resume=true to continue "
                              "it, or choose another run-name")
         else:
             self.store.clear()  # leftovers of a run killed before its first checkpoint
-            self.arrays = initial_arrays(cfg)
+            self.arrays = self.initial = initial_arrays(cfg)
+            self.store.save_initial(self.initial)
         self.store.write_config(cfg.to_dict())
         _, _, self.test_x, self.test_y = load_dataset(cfg.dataset)
 
@@ -270,6 +273,11 @@ class Federation:
         cut = {n: f"{before[n]}->{after[n]}" for n in before if after[n] != before[n]}
         log.info("round %d: shrinking cut %s", server_round, cut or "nothing")
 
+    def component_rows(self, server_round: int) -> list[dict]:
+        """Coverage of the round's replies and the global model's per-component state."""
+        replies = [coverage_from_metrics(m) for m in self.strategy.client_lists]
+        return component_rows(server_round, self.arrays, self.initial, replies)
+
     def checkpoint(self, server_round: int) -> None:
         """Save everything a resumed run needs to continue after ``server_round``."""
         self.store.save_checkpoint(server_round, self.arrays,
@@ -287,6 +295,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
     if fed.start_round == 1:
         with timeline.phase(0, "evaluation"):
             fed.store.append("evaluation", fed.evaluate(0))
+            fed.store.append("components", fed.component_rows(0))
     fed.store.append("timeline", timeline.take())
     started = time.perf_counter()
     for rnd in range(fed.start_round, cfg.num_rounds + 1):
@@ -298,6 +307,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
                 fed.store.append("evaluation", fed.evaluate(rnd, final=final))
         with timeline.phase(rnd, "results"):
             fed.store.append("clients", fed.strategy.client_rows)
+            fed.store.append("components", fed.component_rows(rnd))
             fed.store.append("rounds", [row])
             fed.checkpoint(rnd)
         fed.store.append("timeline", timeline.take())

@@ -8,6 +8,9 @@ Layout of ``results/<run>/``:
     rounds.csv              one row per round: training aggregates, dropped replies, wall time
     timeline.csv            round, phase, start (Unix time), seconds: where the run's time went
                             (round 0: set-up, discovery, first evaluation; again on each resume)
+    components.csv          round, layer, component: client-steps, clients, movement from init,
+                            norm and importance (fl_maestro.components)
+    initial.safetensors     the global arrays at round 0 (what movement is measured from)
     checkpoint-<round>.safetensors  global arrays after the last finished round (no pickle)
     checkpoint.json         round, strategy state and the arrays file of that checkpoint
 
@@ -28,7 +31,8 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
-TABLES = ("evaluation", "clients", "rounds", "timeline")
+TABLES = ("evaluation", "clients", "rounds", "timeline", "components")
+INITIAL = "initial.safetensors"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -36,6 +40,13 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Arrays to a safetensors file, atomically."""
+    # reshape: np.ascontiguousarray turns a 0-d array (a scalar buffer) into shape (1,).
+    tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}
+    _atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 
 class RunStore:
@@ -83,7 +94,7 @@ class RunStore:
     def clear(self) -> None:
         """Remove the tables and checkpoint a run that died before its first checkpoint left."""
         for path in [*(self.root / f"{t}.csv" for t in TABLES), self.root / "checkpoint.json",
-                     *self.root.glob("checkpoint-*.safetensors")]:
+                     self.root / INITIAL, *self.root.glob("checkpoint-*.safetensors")]:
             path.unlink(missing_ok=True)
 
     def truncate_after(self, last_round: int) -> None:
@@ -95,13 +106,20 @@ class RunStore:
                 kept = frame[frame["round"] <= last_round]
                 _atomic_write(path, lambda p: kept.to_csv(p, index=False))
 
+    def save_initial(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Keep the round-0 global arrays (movement from init is measured against them)."""
+        _save_arrays(self.root / INITIAL, arrays)
+
+    def load_initial(self) -> dict[str, np.ndarray] | None:
+        """The round-0 global arrays, None for a run made before they were kept."""
+        path = self.root / INITIAL
+        return load_file(str(path)) if path.exists() else None
+
     def save_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray],
                         state: Mapping[str, Any]) -> None:
         """Checkpoint the global arrays and the run state after ``server_round``."""
-        # reshape: np.ascontiguousarray turns a 0-d array (a scalar buffer) into shape (1,).
-        tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}
         name = f"checkpoint-{server_round}.safetensors"
-        _atomic_write(self.root / name, lambda p: save_file(tensors, str(p)))
+        _save_arrays(self.root / name, arrays)
         text = json.dumps({"round": server_round, "arrays": name, **state}, indent=1)
         _atomic_write(self.root / "checkpoint.json", lambda p: p.write_text(text))
         for old in self.root.glob("checkpoint-*.safetensors"):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_maestro.components import StepCounter
 from fl_maestro.layers import leading
 from fl_maestro.models import RankedModel, at_ranks
 from fl_maestro.optim import CornerSGD, corner_view
@@ -51,7 +52,8 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
 
     Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
-    labels), ``examples`` (training-set size), ``steps``, ``seconds`` and ``macs`` (training MACs).
+    labels), ``examples`` (training-set size), ``steps``, ``seconds``, ``macs`` (training MACs) and
+    ``coverage`` (per layer, the steps whose loss reached each component).
     """
     max_ranks = dict(model.max_ranks() if max_ranks is None else max_ranks)
     model.set_ranks(max_ranks)  # validates the ranks
@@ -65,6 +67,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
         absent = torch.ones(model.classifier.out_features, dtype=torch.bool, device=device)
         absent[list(classes)] = False
     start, steps, macs = time.perf_counter(), 0, 0
+    coverage = StepCounter(max_ranks)
     model.train()
     for epoch in range(epochs):
         loss_sum, correct, seen = 0.0, 0, 0
@@ -72,6 +75,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
             x, y = x.to(device), y.to(device)
             ranks = draw(max_ranks, rng)
             trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
+            coverage.add(trained)
             loss, logits = step(trained, lambda: _step_loss(model, x, y, max_ranks, ranks, distill,
                                                             hgl_lambda, hgl_beyond, absent))
             steps += 1
@@ -85,7 +89,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     model.set_ranks(max_ranks)
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
             "examples": seen, "steps": steps, "seconds": time.perf_counter() - start,
-            "macs": float(macs)}
+            "macs": float(macs), "coverage": coverage.counts}
 
 
 def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,

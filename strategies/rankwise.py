@@ -65,6 +65,9 @@ class RankWiseFedAvg(FedAvg):
         self.rng = np.random.default_rng(seed)
         self.clients: dict[int, ClientSpec] = {}
         self.client_rows: list[dict] = []  # one row per client reply of the last round
+        # Per accepted reply of the last round: its list-valued metrics (e.g. per-component
+        # step counts), which do not fit a row of client_rows.
+        self.client_lists: list[dict[str, list]] = []
         self.dropped_total = 0
         self._sent: Arrays = {}
 
@@ -116,7 +119,7 @@ class RankWiseFedAvg(FedAvg):
         """Validate every reply, drop and count bad ones, merge the rest rank by rank."""
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         valid.sort(key=lambda m: self.clients[m.metadata.src_node_id].partition_id)
-        good, rows, self.client_rows = [], [], []
+        good, rows, self.client_rows, self.client_lists = [], [], [], []
         for message in valid:
             accepted = self._accept(server_round, message)
             if accepted is not None:
@@ -153,6 +156,7 @@ class RankWiseFedAvg(FedAvg):
             "round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
             **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
             "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": nbytes(arrays)})
+        self.client_lists.append({k: list(v) for k, v in metrics.items() if isinstance(v, list)})
         return arrays, 1.0 if self.merge_weight == "clients" else float(examples), rows
 
     def _label_rows(self, classes: object) -> dict[str, np.ndarray]:

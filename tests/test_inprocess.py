@@ -112,3 +112,28 @@ def test_discovery_leaves_out_a_silent_node_and_still_asks_the_next_chunk(caplog
         nodes = Discovery(grid, chunk=2).result(timeout=0.2, poll=0.01)
     assert sorted(nodes) == [2, 3, 4]  # the second chunk gets its own time to answer
     assert "1 nodes did not answer within 0.2 s" in caplog.text
+
+
+def test_components_table_records_coverage_and_movement_every_round(tmp_path):
+    overrides = _overrides(tmp_path, **{"num-rounds": 2})
+    run_federation(InProcessGrid(4, overrides), parse_run_config(overrides))
+    store = RunStore(tmp_path / "run")
+    components, clients = store.read("components"), store.read("clients")
+    assert sorted(components["round"].unique()) == [0, 1, 2]
+    start = components[components["round"] == 0]
+    assert (start["client-steps"] == 0).all() and (start["moved"] == 0).all()
+    assert np.allclose(start["importance"], start["importance-init"])
+    for rnd in (1, 2):
+        mine = components[components["round"] == rnd]
+        first = mine[mine["component"] == 0].set_index("layer")
+        # every step of every client trains each layer's first component
+        assert (first["client-steps"] == clients[clients["round"] == rnd]["steps"].sum()).all()
+        assert (first["clients"] == 3).all()
+        # the tier-0.25 clients hold only a prefix: the tail is held by the 1.0 clients only
+        assert mine["clients"].min() < 3
+    totals = components[components["round"] > 0].groupby(["layer", "component"])[
+        ["client-steps", "clients"]].sum()
+    final = components[components["round"] == 2].set_index(["layer", "component"])["moved"]
+    assert (final[totals["client-steps"] > 0] > 0).all()  # what was trained moved
+    assert (final[totals["clients"] == 0] == 0).all()  # what no client held did not
+    assert store.load_initial() is not None
