@@ -159,3 +159,14 @@ def convergence(rounds: Sequence[int], values: Sequence[float], tail: float = TA
         return Convergence(False, math.nan, first, len(in_tail))
     slope = float(np.polyfit(in_tail.index.to_numpy(float), in_tail.to_numpy(), 1)[0])
     return Convergence(abs(slope) < threshold, slope, first, len(in_tail))
+
+
+def accuracy_curve(evaluation: pd.DataFrame) -> pd.Series:
+    """One run's accuracy per round, the curve convergence is judged on: the mean over its budget
+    tiers (over its rank fractions when it has no tier rows). Takes wide rows (round, kind,
+    accuracy) or a run's long ``evaluation`` table (round, kind, metric, value)."""
+    if "accuracy" not in evaluation:
+        evaluation = evaluation[evaluation["metric"] == "accuracy"].rename(
+            columns={"value": "accuracy"})
+    kind = "tier" if (evaluation["kind"] == "tier").any() else "fraction"
+    return evaluation[evaluation["kind"] == kind].groupby("round")["accuracy"].mean()

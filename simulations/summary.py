@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from simulations.stats import (CONFIDENCE, LAST_K, convergence, final_values, interval_frame,
+from simulations.stats import (CONFIDENCE, LAST_K, accuracy_curve, convergence, final_values, interval_frame,
                                paired_differences)
 
 COSTS = ("dense-relative-macs", "relative-macs")
@@ -33,8 +33,7 @@ def run_convergence(wide: pd.DataFrame, **rule) -> pd.DataFrame:
     rank fractions when it has no tier rows), by ``stats.convergence``."""
     rows = []
     for run, mine in wide.groupby("run", sort=False):
-        kind = "tier" if (mine["kind"] == "tier").any() else "fraction"
-        curve = mine[mine["kind"] == kind].groupby("round")["accuracy"].mean()
+        curve = accuracy_curve(mine)
         verdict = convergence(curve.index, curve.to_numpy(), **rule)
         rows.append({"run": run, "converged": verdict.converged,
                      "tail slope per round": verdict.slope, "tail from round": verdict.tail_start,

@@ -137,3 +137,23 @@ def test_components_table_records_coverage_and_movement_every_round(tmp_path):
     assert (final[totals["client-steps"] > 0] > 0).all()  # what was trained moved
     assert (final[totals["clients"] == 0] == 0).all()  # what no client held did not
     assert store.load_initial() is not None
+
+
+def test_sweep_cells_run_in_process_and_resume(tmp_path):
+    from simulations.runners import InProcessCells
+    from simulations.scenarios import Scenario, axis
+    from simulations.sweep import build_cells, run_sweep
+
+    scenario = Scenario("tiny", "one cell", overrides={
+        k: v for k, v in _overrides(tmp_path).items() if k not in ("results-dir", "run-name")},
+        supernodes=4, axes=(axis("lr", (0.05,)),))
+    cells = build_cells(scenario, [0], tmp_path)
+    table = run_sweep(cells, InProcessCells(threads=1, timeout=300), tmp_path)
+    assert table.loc[0, "status"] == "done" and table.loc[0, "rounds"] == 2
+    assert "final global-model accuracy by tier" in (tmp_path / cells[0].cell_id / "run.log").read_text()
+    longer = build_cells(scenario, [0], tmp_path)
+    longer = [c.__class__(**{**c.__dict__, "num_rounds": 3,
+                             "run_config": {**c.run_config, "num-rounds": 3}}) for c in longer]
+    run_sweep(longer, InProcessCells(threads=1), tmp_path)
+    evaluation = RunStore(tmp_path / cells[0].cell_id).read("evaluation")
+    assert sorted(evaluation["round"].unique()) == [0, 1, 2, 3]  # resumed, not restarted
