@@ -107,6 +107,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                        "iid": {"partitioner": "iid"},
                        "dirichlet-0.5": {"partitioner": "dirichlet", "alpha": 0.5},
                        "dirichlet-0.1": {"partitioner": "dirichlet", "alpha": 0.1}}))),
+    Scenario("schedule", "learning-rate decay x local epochs for the default experiment: which "
+             "converges, how high, in how many rounds (run with --until-converged)",
+             overrides={"num-rounds": 40, "eval-every": 5},
+             axes=(axis("lr-decay", (1.0, 0.98, 0.95)), axis("local-epochs", (1, 2)))),
     Scenario("smoke", "a two-cell end-to-end check: digits, 4 clients, 2 rounds (about 2 min)",
              overrides={"dataset": "digits", "num-rounds": 2, "clients-per-round": 3,
                         "eval-samples": 0}, supernodes=4,
