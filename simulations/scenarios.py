@@ -88,8 +88,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("strategies", "rank-wise Maestro against the FedAvg, FjORD and HeteroFL baselines",
              axes=(axis("strategy", STRATEGY_NAMES),)),
     Scenario("comparison", "the reference comparison: rank-wise with and without Maestro's "
-             "distillation and HGL against the five baselines, equal budgets, 3 seeds",
-             overrides={"num-rounds": 15, "eval-every": 5}, seeds=(0, 1, 2),
+             "distillation and HGL against the five baselines, equal budgets, 5 seeds; run it "
+             "with --until-converged (its num-rounds is the first chunk)",
+             overrides={"num-rounds": 40, "eval-every": 5}, seeds=(0, 1, 2, 3, 4),
              axes=(grouped_axis("method", {
                  "rankwise": {"strategy": "rankwise"},  # Maestro's loss (the default)
                  "rankwise-plain-od": {"strategy": "rankwise", "distill": False},
@@ -100,8 +101,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                  "fedavg-exclusive": {"strategy": "fedavg-exclusive"},
                  "fjord": {"strategy": "fjord"},
                  "heterofl": {"strategy": "heterofl"}}),)),
-    Scenario("reference", "budget mixes x non-IID levels for the rank-wise strategy",
-             overrides={"num-rounds": 10, "eval-every": 5},
+    Scenario("reference", "budget mixes x non-IID levels for the rank-wise strategy, 5 seeds; "
+             "run it with --until-converged (its num-rounds is the first chunk)",
+             overrides={"num-rounds": 40, "eval-every": 5}, seeds=(0, 1, 2, 3, 4),
              axes=(axis("device-mix", DEVICE_MIXES[1:]),
                    grouped_axis("non-iid", {
                        "iid": {"partitioner": "iid"},
