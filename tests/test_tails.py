@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fl_maestro.config import parse_run_config
-from fl_maestro.models import CNN, model_arrays
+from fl_maestro.models import build_model, model_arrays
 from fl_maestro.results import RunStore
 from simulations.tails import tail_ablation, with_tails
 
@@ -29,7 +29,7 @@ def test_with_tails_resets_or_zeroes_only_past_the_prefix() -> None:
 def test_tail_ablation_of_a_run(tmp_path) -> None:
     store = RunStore(tmp_path / "run")
     store.write_config(parse_run_config({"dataset": "digits", "seed": 0}).to_dict())
-    initial = model_arrays(CNN((1, 8, 8), 10))
+    initial = model_arrays(build_model("cnn", (1, 8, 8), 10))
     trained = {k: v + np.float32(0.05) * np.random.default_rng(1).standard_normal(v.shape)
                .astype(np.float32) for k, v in initial.items()}
     store.save_initial(initial)
