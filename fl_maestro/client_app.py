@@ -1,7 +1,9 @@
 """Flower ClientApp: trains the received rank prefix on the node's own data partition.
 
 The model is built holding exactly the ranks it received, trained with ordered dropout inside them
-(``training.train``), and the trained prefix goes back with the round's metrics.
+(``training.train``), and the trained prefix goes back with the round's metrics. The server may
+cap the local steps (``steps``: a straggler's work that fits the deadline) or, to inject a crash
+its device profile drew, ask the ClientApp to raise (``crash``).
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from fl_maestro.plans import HGL_BEYOND, TIER_GRID, local_training, model_for
 from fl_maestro.runtime import keep_freed_memory
 from fl_maestro.sampling import tier_grid
 from fl_maestro.width import build_width_model, set_scaler
-from fl_maestro.training import evaluate, train
+from fl_maestro.training import evaluate, step_rng, train
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+
+class InjectedCrash(RuntimeError):
+    """The failure a device profile's ``crash`` probability injects into a ClientApp."""
 
 
 def node_identity(context: Context) -> tuple[int, int]:
@@ -43,7 +49,12 @@ def node_identity(context: Context) -> tuple[int, int]:
 def describe(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition and, in a deployment, its configured budget."""
     partition_id, num_partitions = node_identity(context)
-    info = {"partition-id": partition_id, "num-partitions": num_partitions}
+    cfg = parse_run_config(context.run_config)
+    train_idx, _ = client_partition(cfg.dataset, partition_id, num_partitions, cfg.partitioner,
+                                    cfg.alpha, cfg.classes_per_client, cfg.seed, cfg.val_fraction)
+    # The training-set size lets the server know a round's local steps before anyone trains.
+    info = {"partition-id": partition_id, "num-partitions": num_partitions,
+            "train-examples": len(train_idx)}
     if "budget" in context.node_config:
         info["budget"] = float(context.node_config["budget"])
     return Message(content=RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
@@ -85,7 +96,11 @@ def train_prefix(msg: Message, context: Context) -> Message:
     keep_freed_memory()
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = node_identity(context)
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    if config.get("crash", False):
+        raise InjectedCrash(f"partition {partition_id}, round {server_round}: a crash injected by "
+                            "its tier's device profile")
     arrays = to_numpy(msg.content["arrays"])
     # Ray hides GPUs from actors given client-resources-num-gpus = 0, so this is the CPU there.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,12 +110,12 @@ def train_prefix(msg: Message, context: Context) -> Message:
     # The received model on this device's own held-out data, at the ranks it runs: what a
     # device of this tier would see locally, before it trains.
     local = evaluate(model, val_loader)
-    options = training_options(cfg, msg.content["config"], model, loader)
+    options = training_options(cfg, config, model, loader)
     result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
                    cfg.lr, cfg.momentum, cfg.weight_decay, options.pop("distill"),
-                   options.pop("hgl_lambda"),
-                   rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
-                   optimizer=cfg.optimizer, **options)
+                   options.pop("hgl_lambda"), rng=step_rng(cfg.seed, server_round, partition_id),
+                   optimizer=cfg.optimizer,
+                   max_steps=int(config["steps"]) if "steps" in config else None, **options)
     metrics = MetricRecord({
         "num-examples": len(loader.dataset), "train-loss": result["loss"],
         "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],

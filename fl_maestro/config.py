@@ -19,6 +19,7 @@ from fl_maestro.training import OPTIMIZERS
 from fl_maestro.sampling import SAMPLERS
 
 from fl_maestro.plans import RANK_STRATEGIES, STRATEGIES
+from fl_maestro.world import POLICIES
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ def _mix(text: Any) -> bool:
 
 def _init(text: Any) -> bool:
     return text == "random" or (isinstance(text, str) and text.startswith("svd:") and len(text) > 4)
+
+
+def _deadline(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 and not math.isnan(v)
 
 
 _is_bool = lambda v: isinstance(v, bool)  # noqa: E731
@@ -121,6 +126,22 @@ KEYS: dict[str, Key] = {
     "eval-every": Key(1, "an integer >= 1", _int(1)),
     "eval-samples": Key(2000, "an integer >= 0 (0: the whole test set)", _int(0)),
     "init": Key("random", "'random' or 'svd:<path to a dense state dict .safetensors>'", _init),
+    # The simulated device world (fl_maestro.world); file contents are checked by load_world.
+    "device-profiles": Key("", "'' (the documented defaults), a .toml file of per-tier tables, "
+                           "or 'tier:key=value,...;...' (tier: a device-mix budget or 'default'; "
+                           "keys: macs-per-second, downlink-bytes-per-second, "
+                           "uplink-bytes-per-second, dropout, crash)", _is_str),
+    "round-deadline": Key(math.inf, "a number of simulated seconds > 0 (inf: no deadline)",
+                          _deadline),
+    "deadline-policy": Key("wait", f"one of {POLICIES} (wait: no deadline, a round lasts as long "
+                           "as its slowest client; drop: a client over the deadline is "
+                           "discarded; partial: it trains only the steps that fit)",
+                           lambda v: v in POLICIES),
+    "availability": Key("", "'' (always online), 'diurnal:<period>:<tier>@<from>-<until>,...' or "
+                        "a CSV file with columns client,tier,from,until (simulated seconds)",
+                        _is_str),
+    "over-selection": Key(0.0, "a number in [0, 10]: sample clients-per-round x (1 + this) and "
+                          "keep the first clients-per-round to finish (0: off)", _number(0, 10)),
 }
 
 
@@ -164,6 +185,11 @@ class RunConfig:
     eval_every: int
     eval_samples: int
     init: str
+    device_profiles: str
+    round_deadline: float
+    deadline_policy: str
+    availability: str
+    over_selection: float
 
     @property
     def fractions(self) -> list[float]:
@@ -227,6 +253,13 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
 
 def _check_combination(cfg: RunConfig) -> None:
     """Refuse settings that each pass alone but make no sense together."""
+    if cfg.deadline_policy == "wait" and math.isfinite(cfg.round_deadline):
+        raise ValueError(f"run-config key 'round-deadline' = {cfg.round_deadline!r} needs "
+                         "'deadline-policy' drop or partial: policy 'wait' has no deadline "
+                         "(leave round-deadline at inf)")
+    if cfg.deadline_policy != "wait" and math.isinf(cfg.round_deadline):
+        raise ValueError(f"run-config key 'deadline-policy' = {cfg.deadline_policy!r} needs a "
+                         "finite 'round-deadline' (simulated seconds > 0)")
     for key, strategies in STRATEGY_KEYS.items():
         value = getattr(cfg, key.replace("-", "_"))
         if cfg.strategy not in strategies and value != KEYS[key].default:

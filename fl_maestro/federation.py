@@ -23,14 +23,16 @@ from flwr.serverapp import Grid
 from safetensors.numpy import load_file
 
 from fl_maestro.budgets import assign_budgets, parse_mix
-from fl_maestro.config import RunConfig
+from fl_maestro.config import RunConfig, defaults
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
 from fl_maestro.plans import (HGL_BEYOND, TIER_GRID, build_for, is_width, local_training, model_for,
                               plan_ranks, takes_part, tier_grid_ranks)
 from fl_maestro.results import RunStore
+from fl_maestro.rounds import client_work, fate_rows, orders, round_totals
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks, tail_constants
 from fl_maestro.training import evaluate
+from fl_maestro.world import MERGED, load_world, round_rng
 from strategies.merge import factor_layer, prefix_arrays
 from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
 from strategies.records import to_numpy, to_record
@@ -153,6 +155,10 @@ class Federation:
         self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
+        self.examples: dict[int, int] = {}
+        self.world = load_world(cfg)
+        self.clock = 0.0  # simulated seconds at the end of the last finished round
+        self.client_rows: list[dict] = []
         self.start_round = 1
         # Budgets are fractions of the dense (undecomposed) model's cost, for every strategy:
         # a width-sliced baseline's device gets the MACs a rank-wise device of its tier gets,
@@ -173,6 +179,8 @@ class Federation:
 
     def _resume(self) -> None:
         saved = self.store.read_config()
+        # a key the saved run predates had its default then
+        saved = {**defaults(), **saved}
         changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
                    if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if changed:
@@ -180,6 +188,7 @@ class Federation:
                              f"{changed} (saved, now); only {sorted(RESUMABLE_CHANGES)} may change")
         last, self.arrays, state = self.store.load_checkpoint()
         self.strategy.load_state_dict(state["strategy"])
+        self.clock = float(state.get("clock", 0.0))  # runs from before the simulated clock
         self.store.truncate_after(last)
         self.start_round = last + 1
         log.info("resuming %s after round %d", self.store.root, last)
@@ -203,14 +212,17 @@ class Federation:
         """Learn every node's partition and budget (node config, else the device mix)."""
         self.budgets = node_budgets(self.cfg, nodes)
         self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
+        self.examples = {n: int(info["train-examples"]) for n, info in nodes.items()}
+        self.world.availability.check_clients(int(next(iter(nodes.values()))["num-partitions"]))
         # Deployment budgets from node configs are tiers too, evaluated and planned for.
         self.tiers = sorted(set(self.tiers) | set(self.budgets.values()))
         if not any(takes_part(self.cfg.strategy, b) for b in self.budgets.values()):
             raise ValueError(f"strategy {self.cfg.strategy!r}: no node takes part with budgets "
                              f"{sorted(set(self.budgets.values()))}")
 
-    def replan(self) -> None:
-        """Give the strategy every taking-part node's ranks on the current global model."""
+    def replan(self) -> RankedModel:
+        """Give the strategy every taking-part node's ranks on the current global model (which
+        is returned: it prices the round's local steps)."""
         model = self.global_model()
         ranks = {b: self.plan(model, b) for b in set(self.budgets.values())}
         shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
@@ -218,6 +230,7 @@ class Federation:
         self.strategy.set_clients({
             n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b])
             for n, b in self.budgets.items() if takes_part(self.cfg.strategy, b)})
+        return model
 
     def client_config(self, model: RankedModel, budget: float,
                       ranks: Mapping[str, int]) -> dict[str, str]:
@@ -246,19 +259,39 @@ class Federation:
         return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers)
 
     def train_round(self, server_round: int) -> dict:
-        """One round of planning, sampling, local training, merging and shrinking."""
+        """One round of planning, sampling, local training, merging and shrinking.
+
+        The device world picks who is online at the round's simulated start and decides, before
+        anyone trains, who drops out, straggles or trains only part of its steps; the round's
+        simulated duration moves the clock.
+        """
         start = time.perf_counter()
-        self.replan()
-        messages = self.strategy.configure_train(server_round, to_record(self.arrays),
-                                                 ConfigRecord(), self.grid)
-        replies = self.grid.send_and_receive(messages, timeout=3600)
+        model = self.replan()
+        k = self.cfg.clients_per_round
+        members = {n: (s.partition_id, s.budget) for n, s in self.strategy.clients.items()}
+        begin, online = self.world.round_start(members, self.clock)
+        nodes = self.strategy.sample_nodes(self.grid, online, self.world.sample_size(k))
+        fates = self.world.decide(
+            [client_work(self.cfg, server_round, model, self.arrays, n, self.strategy.clients[n],
+                         self.examples[n]) for n in nodes], k, round_rng(self.cfg.seed, server_round))
+        self.strategy.set_round(orders(fates))
+        messages = list(self.strategy.configure_train(server_round, to_record(self.arrays),
+                                                      ConfigRecord(), self.grid))
+        replies = self.grid.send_and_receive(messages, timeout=3600) if messages else []
         merged, metrics = self.strategy.aggregate_train(server_round, replies)
         if merged is not None:
             self.arrays = to_numpy(merged)
+        self.client_rows = fate_rows(server_round, fates, self.strategy.client_rows)
+        kept = {r["partition-id"] for r in self.client_rows if r["outcome"] in MERGED}
+        merged_nodes = {f.work.node for f in fates if f.work.partition in kept}
+        seconds = self.world.round_seconds(fates, merged_nodes, k)
+        self.clock = begin + seconds
         every = self.cfg.shrink_every
         if every and server_round % every == 0:
             self.shrink(server_round)
-        return {"round": server_round, **dict(metrics or {}),
+        return {"round": server_round, **dict(metrics or {}), **round_totals(self.client_rows),
+                "online": len(online), "sim-start": begin, "sim-seconds": seconds,
+                "sim-time": self.clock,
                 "global-params": int(sum(a.size for a in self.arrays.values())),
                 "seconds": time.perf_counter() - start}
 
@@ -273,7 +306,7 @@ class Federation:
     def checkpoint(self, server_round: int) -> None:
         """Save everything a resumed run needs to continue after ``server_round``."""
         self.store.save_checkpoint(server_round, self.arrays,
-                                   {"strategy": self.strategy.state_dict()})
+                                   {"strategy": self.strategy.state_dict(), "clock": self.clock})
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
@@ -297,7 +330,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
             with timeline.phase(rnd, "evaluation"):
                 fed.store.append("evaluation", fed.evaluate(rnd, final=final))
         with timeline.phase(rnd, "results"):
-            fed.store.append("clients", fed.strategy.client_rows)
+            fed.store.append("clients", fed.client_rows)
             fed.store.append("rounds", [row])
             fed.checkpoint(rnd)
         fed.store.append("timeline", timeline.take())

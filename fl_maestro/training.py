@@ -47,11 +47,14 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
           hgl_lambda: float = 0.0, rng: np.random.Generator | None = None,
           optimizer: str = "corner",
           hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
-          classes: Iterable[int] | None = None) -> dict[str, float]:
+          classes: Iterable[int] | None = None,
+          max_steps: int | None = None) -> dict[str, float]:
     """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
 
+    ``max_steps`` stops training after that many steps (a straggler's partial work).
     Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
-    labels), ``examples`` (training-set size), ``steps``, ``seconds`` and ``macs`` (training MACs).
+    labels), ``examples`` (training-set size), ``steps``, ``seconds`` and ``macs`` (training MACs,
+    the same per step as ``planned_step_macs`` predicts).
     """
     max_ranks = dict(model.max_ranks() if max_ranks is None else max_ranks)
     model.set_ranks(max_ranks)  # validates the ranks
@@ -65,10 +68,15 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
         absent = torch.ones(model.classifier.out_features, dtype=torch.bool, device=device)
         absent[list(classes)] = False
     start, steps, macs = time.perf_counter(), 0, 0
+    loss_sum, correct, seen = 0.0, 0, 0
     model.train()
     for epoch in range(epochs):
+        if steps == max_steps:
+            break
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:
+            if steps == max_steps:
+                break
             x, y = x.to(device), y.to(device)
             ranks = draw(max_ranks, rng)
             trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
@@ -78,14 +86,50 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
-            macs += len(y) * TRAIN_MACS_PER_FORWARD * (
-                model.cost(ranks, "macs") + (full_macs if distill else 0))
+            macs += step_macs(len(y), model.cost(ranks, "macs"), full_macs, distill)
         log.debug("epoch %d/%d: loss %.4f over %d examples", epoch + 1, epochs,
                   loss_sum / max(seen, 1), seen)
     model.set_ranks(max_ranks)
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
             "examples": seen, "steps": steps, "seconds": time.perf_counter() - start,
             "macs": float(macs)}
+
+
+def step_macs(batch: int, sampled_macs: float, full_macs: float, distill: bool) -> float:
+    """Training MACs of one step on ``batch`` examples (the full pass too when distilling)."""
+    return float(batch * TRAIN_MACS_PER_FORWARD * (sampled_macs + (full_macs if distill else 0)))
+
+
+def step_rng(seed: int, server_round: int, partition_id: int) -> np.random.Generator:
+    """The generator of a client's ordered-dropout draws in a round (client and server agree)."""
+    return np.random.default_rng([seed, server_round, partition_id, 1])
+
+
+def batch_sizes(num_examples: int, batch_size: int, epochs: int) -> list[int]:
+    """The size of every local step's batch: ``epochs`` passes, the last batch of each short."""
+    full, rest = divmod(int(num_examples), int(batch_size))
+    return ([batch_size] * full + ([rest] if rest else [])) * int(epochs)
+
+
+def planned_step_macs(model: RankedModel, max_ranks: Mapping[str, int],
+                      sampler: str | Sampler, rng: np.random.Generator, batches: Iterable[int],
+                      distill: bool) -> list[float]:
+    """The training MACs of each step ``train`` would take: the same draws from the same ``rng``.
+
+    Known before training, so a device's simulated time (and which steps fit a deadline) costs
+    no host compute. ``max_ranks`` must list the layers in the model's order, as the client's do.
+    """
+    draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    full_macs = model.cost(max_ranks, "macs")
+    costs: dict[tuple, float] = {}
+    out = []
+    for batch in batches:
+        ranks = draw(max_ranks, rng)
+        key = tuple(ranks.values())
+        if key not in costs:
+            costs[key] = model.cost(ranks, "macs")
+        out.append(step_macs(batch, costs[key], full_macs, distill))
+    return out
 
 
 def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from fl_maestro.config import parse_run_config
 from fl_maestro.federation import tier_table
 from fl_maestro.results import RunStore
 from fl_maestro.runtime import ALLOCATOR_ENV
+from fl_maestro.world import load_world
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,10 @@ def toml_overrides(values: Mapping[str, Any]) -> list[str]:
     """``--run-config`` arguments for a dict of values (TOML literals, one key per argument)."""
     args = []
     for key, value in values.items():
-        args += ["--run-config", f"{key}={json.dumps(value)}"]
+        literal = json.dumps(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            literal = str(value)  # TOML spells them inf, -inf and nan (JSON: Infinity, NaN)
+        args += ["--run-config", f"{key}={literal}"]
     return args
 
 
@@ -305,15 +310,31 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
-            values[key] = raw
+            values[key] = float(raw) if raw in ("inf", "+inf") else raw  # TOML's infinity
     return values
 
 
 def with_absolute_results(run_config: Mapping[str, Any], app_dir: Path = APP_DIR) -> dict:
     """The overrides with ``results-dir`` made absolute: the ServerApp resolves a relative one
-    against the SuperLink's folder (the app folder), not against where this command runs."""
+    against the SuperLink's folder (the app folder), not against where this command runs. Device
+    profile and availability files are made absolute against where this command runs, and the
+    device world is checked (``load_world`` reads them), so a bad one stops before Flower starts."""
     results = Path(parse_run_config(run_config).results_dir)
-    return {**run_config, "results-dir": str(results if results.is_absolute() else app_dir / results)}
+    out = {**run_config, "results-dir": str(results if results.is_absolute() else app_dir / results)}
+    for key in FILE_KEYS:
+        value = out.get(key, "")
+        if isinstance(value, str) and _names_file(value):
+            out[key] = str(Path(value).resolve())
+    load_world(parse_run_config(out))
+    return out
+
+
+# Run-config keys whose value may name a file (else it is inline text or empty).
+FILE_KEYS = ("device-profiles", "availability")
+
+
+def _names_file(value: str) -> bool:
+    return value.endswith((".toml", ".csv")) and not value.startswith("diurnal:")
 
 
 def run_store(run_config: Mapping[str, Any]) -> RunStore:

@@ -107,6 +107,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                        "iid": {"partitioner": "iid"},
                        "dirichlet-0.5": {"partitioner": "dirichlet", "alpha": 0.5},
                        "dirichlet-0.1": {"partitioner": "dirichlet", "alpha": 0.1}}))),
+    Scenario("deadlines", "round deadlines x policy on the default setup: who a deadline drops, "
+             "what partial work buys, and the simulated time it saves (10 rounds, one seed)",
+             overrides={"num-rounds": 10, "eval-every": 5},
+             axes=(grouped_axis("deadline", {
+                 "wait": {"deadline-policy": "wait"},
+                 "drop-2.5s": {"deadline-policy": "drop", "round-deadline": 2.5},
+                 "partial-2.5s": {"deadline-policy": "partial", "round-deadline": 2.5},
+                 "drop-4s": {"deadline-policy": "drop", "round-deadline": 4.0},
+                 "partial-4s": {"deadline-policy": "partial", "round-deadline": 4.0}}),)),
     Scenario("smoke", "a two-cell end-to-end check: digits, 4 clients, 2 rounds (about 2 min)",
              overrides={"dataset": "digits", "num-rounds": 2, "clients-per-round": 3,
                         "eval-samples": 0}, supernodes=4,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -25,6 +26,8 @@ from strategies.records import nbytes, to_numpy, to_record
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+# What can go wrong with a client the strategy sent to, as seen in its reply (or its absence).
+FAULTS = ("error", "invalid", "timeout")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class RankWiseFedAvg(FedAvg):
         self.client_rows: list[dict] = []  # one row per client reply of the last round
         self.dropped_total = 0
         self._sent: Arrays = {}
+        self._bytes_down: dict[int, int] = {}
+        self._orders: dict[int, dict[str, Any]] | None = None
 
     def set_clients(self, clients: Mapping[int, ClientSpec]) -> None:
         """Tell the strategy every node's spec (node id -> ClientSpec)."""
@@ -78,30 +83,43 @@ class RankWiseFedAvg(FedAvg):
             return corner_arrays(global_arrays, spec.shapes)
         return prefix_arrays(global_arrays, spec.ranks)
 
-    def sample_nodes(self, grid: Grid) -> list[int]:
-        """Seeded sample of ``clients_per_round`` known, connected nodes, in partition-id order."""
+    def set_round(self, orders: Mapping[int, Mapping[str, Any]] | None) -> None:
+        """The nodes the next ``configure_train`` sends to, each with extra config of its own
+        (e.g. how many local steps to train); None: it samples ``clients_per_round`` itself."""
+        self._orders = None if orders is None else {n: dict(c) for n, c in orders.items()}
+
+    def sample_nodes(self, grid: Grid, among: Iterable[int] | None = None,
+                     count: int | None = None) -> list[int]:
+        """Seeded sample of ``count`` (default ``clients_per_round``) known, connected nodes,
+        drawn from ``among`` when given (e.g. the online ones), in partition-id order."""
         connected = set(grid.get_node_ids())
+        if among is not None:
+            connected &= set(among)
         nodes = sorted((n for n in self.clients if n in connected),
                        key=lambda n: self.clients[n].partition_id)
         if not nodes:
             raise RuntimeError("no known node is connected: nothing to train on")
-        k = min(self.clients_per_round, len(nodes))
+        k = min(count or self.clients_per_round, len(nodes))
         picked = np.sort(self.rng.choice(len(nodes), size=k, replace=False))
         return [nodes[i] for i in picked]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Send each sampled client its own slice of the global arrays and the round's config."""
+        """Send each chosen client its own slice of the global arrays and the round's config."""
+        orders = self._orders if self._orders is not None else {
+            n: {} for n in self.sample_nodes(grid)}
+        self._orders = None
         self._sent = to_numpy(arrays)
         self._bytes_down: dict[int, int] = {}
         self._sent_shapes: dict[int, Arrays] = {}
         messages = []
-        for node_id in self.sample_nodes(grid):
+        for node_id, extra in orders.items():
             spec = self.clients[node_id]
             sliced = self.client_arrays(spec, self._sent)
             self._bytes_down[node_id] = nbytes(sliced)
             self._sent_shapes[node_id] = {k: _placeholder(a) for k, a in sliced.items()}
-            node_config = ConfigRecord({**config, **spec.config, "server-round": server_round,
+            node_config = ConfigRecord({**config, **spec.config, **extra,
+                                        "server-round": server_round,
                                         "budget": spec.budget})
             content = RecordDict({self.arrayrecord_key: to_record(sliced),
                                   self.configrecord_key: node_config})
@@ -113,31 +131,59 @@ class RankWiseFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop and count bad ones, merge the rest rank by rank."""
-        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        valid.sort(key=lambda m: self.clients[m.metadata.src_node_id].partition_id)
-        good, rows, self.client_rows = [], [], []
-        for message in valid:
-            accepted = self._accept(server_round, message)
+        """Validate every reply, drop and count bad ones, merge the rest rank by rank.
+
+        Every client sent to gets a row in ``client_rows`` with its ``outcome``: ``ok`` (merged),
+        ``error`` (its ClientApp failed), ``invalid`` (a check failed) or ``timeout`` (no reply).
+        """
+        rows: dict[int, dict] = {}
+        good: list[tuple[int, tuple[Arrays, float]]] = []
+        for message in replies:
+            node_id = message.metadata.src_node_id
+            if node_id not in self._bytes_down or node_id in rows:
+                log.warning("round %d: ignored a reply from node %d, which was not asked",
+                            server_round, node_id)
+                continue
+            if message.has_error():
+                rows[node_id] = self._row(server_round, node_id, "error", message.error.reason)
+                log.warning("round %d: partition %d failed: %s", server_round,
+                            self.clients[node_id].partition_id, message.error.reason)
+                continue
+            rows[node_id], accepted = self._accept(server_round, message)
             if accepted is not None:
-                good.append(accepted[:2])
-                rows.append(accepted[2])
+                good.append((self.clients[node_id].partition_id, accepted))
+        for node_id in self._bytes_down.keys() - rows.keys():
+            rows[node_id] = self._row(server_round, node_id, "timeout", "no reply")
+        self.client_rows = sorted(rows.values(), key=lambda r: r["partition-id"])
         dropped = len(self._bytes_down) - len(good)  # bad, failed or never answered
         self.dropped_total += dropped
+        metrics = self._round_metrics(self.client_rows)
         if not good:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
-            return None, MetricRecord({"dropped": dropped})
-        merged = merge_nested(self._sent, good, rows)
-        return to_record(merged), self._round_metrics(dropped)
+            return None, metrics
+        # partition-id order: a seeded run merges bit-identically whatever the reply order
+        good.sort(key=lambda g: g[0])
+        merged = merge_nested(self._sent, [(a, w) for _, (a, w, _) in good],
+                              [rows for _, (_, _, rows) in good])
+        return to_record(merged), metrics
+
+    def _row(self, server_round: int, node_id: int, outcome: str, reason: str = "",
+             **values: Any) -> dict:
+        """One client's row of the round: who, its outcome, and the bytes it was sent."""
+        spec = self.clients[node_id]
+        return {"round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
+                "outcome": outcome, "reason": reason, **values,
+                "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": values.get(
+                    "bytes-up", 0)}
 
     def _accept(self, server_round: int, message: Message
-                ) -> tuple[Arrays, float, dict[str, np.ndarray] | None] | None:
-        """The reply's (arrays, weight, label rows) if it passes every check, else None (logged)."""
+                ) -> tuple[dict, tuple[Arrays, float, dict[str, np.ndarray] | None] | None]:
+        """The reply's row and its (arrays, weight, label rows) if it passes every check."""
         node_id = message.metadata.src_node_id
-        spec = self.clients[node_id]
+        metrics = message.content.metric_records.get("metrics")
+        values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         try:
             record = message.content.array_records.get(self.arrayrecord_key)
-            metrics = message.content.metric_records.get("metrics")
             if record is None or metrics is None:
                 raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
             arrays = to_numpy(record)
@@ -147,13 +193,11 @@ class RankWiseFedAvg(FedAvg):
             rows = self._label_rows(metrics.get("classes")) if self.label_rows else None
         except InvalidReply as err:
             log.warning("round %d: dropped reply of partition %d: %s", server_round,
-                        spec.partition_id, err)
-            return None
-        self.client_rows.append({
-            "round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
-            **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": nbytes(arrays)})
-        return arrays, 1.0 if self.merge_weight == "clients" else float(examples), rows
+                        self.clients[node_id].partition_id, err)
+            return self._row(server_round, node_id, "invalid", f"invalid: {err}", **values), None
+        row = self._row(server_round, node_id, "ok", **values, **{"bytes-up": nbytes(arrays)})
+        weight = 1.0 if self.merge_weight == "clients" else float(examples)
+        return row, (arrays, weight, rows)
 
     def _label_rows(self, classes: object) -> dict[str, np.ndarray]:
         """The rows of ``label_rows`` arrays a reply's ``classes`` metric covers."""
@@ -164,18 +208,21 @@ class RankWiseFedAvg(FedAvg):
                                f"0..{outputs - 1}, got {classes!r}")
         return {name: np.array(sorted(classes)) for name in self.label_rows}
 
-    def _round_metrics(self, dropped: int) -> MetricRecord:
-        """Example-weighted training loss and accuracy plus round totals."""
-        rows = self.client_rows
-        weights = np.array([r[self.weighted_by_key] for r in rows])
-        mean = lambda key: float(np.average([r.get(key, 0.0) for r in rows], weights=weights))  # noqa: E731
-        return MetricRecord({
-            "train-loss": mean("train-loss"), "train-accuracy": mean("train-accuracy"),
-            "clients": len(rows), "dropped": dropped, "examples": float(weights.sum()),
-            "bytes-down": float(sum(r["bytes-down"] for r in rows)),
-            "bytes-up": float(sum(r["bytes-up"] for r in rows)),
-            "train-macs": float(sum(r.get("train-macs", 0.0) for r in rows)),
-        })
+    def _round_metrics(self, rows: list[dict]) -> MetricRecord:
+        """Example-weighted training loss and accuracy of the merged replies plus round totals."""
+        merged = [r for r in rows if r["outcome"] == "ok"]
+        counts = {f"dropped-{o}": sum(r["outcome"] == o for r in rows) for o in FAULTS}
+        totals = {"clients": len(merged), "dropped": len(rows) - len(merged), **counts,
+                  "bytes-down": float(sum(r["bytes-down"] for r in rows)),
+                  "bytes-up": float(sum(r["bytes-up"] for r in rows)),
+                  "train-macs": float(sum(r.get("train-macs", 0.0) for r in merged))}
+        if not merged:
+            return MetricRecord(totals)
+        weights = np.array([r[self.weighted_by_key] for r in merged])
+        mean = lambda key: float(np.average([r.get(key, 0.0) for r in merged], weights=weights))  # noqa: E731
+        return MetricRecord({"train-loss": mean("train-loss"),
+                             "train-accuracy": mean("train-accuracy"),
+                             "examples": float(weights.sum()), **totals})
 
     def state_dict(self) -> dict:
         """Strategy state to checkpoint: the sampling generator and counters."""

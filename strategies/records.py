@@ -23,3 +23,9 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Payload size of a dict of arrays in bytes."""
     return int(sum(a.nbytes for a in arrays.values()))
+
+
+def slice_nbytes(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Payload size in bytes of the leading corners ``shapes`` of ``arrays`` (whole if absent)."""
+    return int(sum(int(np.prod(shapes.get(name, a.shape))) * a.itemsize
+                   for name, a in arrays.items()))

@@ -293,7 +293,10 @@ def test_bad_reply_dropped_counted_and_logged(kind: str, caplog_strategies) -> N
     assert metrics["dropped"] == 1
     assert metrics["clients"] == len(others)
     assert strategy.dropped_total == 1
-    assert 3 not in [r["partition-id"] for r in strategy.client_rows]
+    assert metrics["dropped-invalid"] == 1
+    row = next(r for r in strategy.client_rows if r["partition-id"] == 3)
+    assert row["outcome"] == "invalid" and row["reason"].startswith("invalid: ")
+    assert [r["outcome"] for r in strategy.client_rows].count("ok") == len(others)
     warnings = [r.getMessage() for r in caplog_strategies.records if r.levelno >= logging.WARNING]
     assert any("partition 3" in w for w in warnings), warnings
 
@@ -306,7 +309,38 @@ def test_error_reply_counts_as_dropped() -> None:
     merged, metrics = strategy.aggregate_train(1, [error] + replies[1:])
     assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
     assert metrics["dropped"] == 1 and metrics["clients"] == len(replies) - 1
+    assert metrics["dropped-error"] == 1
     assert strategy.dropped_total == 1
+    failed = next(r for r in strategy.client_rows if r["outcome"] == "error")
+    assert failed["partition-id"] == partition_of(strategy, messages[0])
+    assert failed["reason"] == "client crashed" and failed["bytes-up"] == 0
+
+
+def test_missing_reply_is_a_timeout_row_and_its_bytes_count() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)
+    merged, metrics = strategy.aggregate_train(1, replies[1:])
+    assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
+    assert metrics["dropped-timeout"] == 1 and metrics["dropped"] == 1
+    rows = strategy.client_rows
+    assert len(rows) == len(messages)
+    late = next(r for r in rows if r["outcome"] == "timeout")
+    assert late["partition-id"] == partition_of(strategy, messages[0])
+    assert metrics["bytes-down"] == sum(r["bytes-down"] for r in rows)  # sent to it too
+
+
+def test_set_round_sends_exactly_the_given_nodes_with_their_config() -> None:
+    strategy = make_strategy()
+    grid = FakeGrid([node_id(p) for p in RANKS])
+    strategy.set_round({node_id(1): {"steps": 3}, node_id(4): {"steps": 1, "crash": True}})
+    messages = list(strategy.configure_train(1, to_record(global_arrays()), ConfigRecord(), grid))
+    assert [partition_of(strategy, m) for m in messages] == [1, 4]
+    assert messages[0].content["config"]["steps"] == 3
+    assert messages[1].content["config"]["crash"] is True
+    assert len(send(strategy, grid=grid)) == len(RANKS)  # the orders were for one round only
+    picked = strategy.sample_nodes(grid, among=[node_id(0), node_id(2), 777], count=5)
+    assert picked == [node_id(0), node_id(2)]  # only the known nodes given, in partition order
 
 
 def test_all_bad_returns_none_and_counts() -> None:
@@ -319,7 +353,7 @@ def test_all_bad_returns_none_and_counts() -> None:
     assert merged is None
     assert isinstance(metrics, MetricRecord) and metrics["dropped"] == 5
     assert strategy.dropped_total == 5
-    assert strategy.client_rows == []
+    assert [r["outcome"] for r in strategy.client_rows] == ["invalid"] * 4 + ["error"]
 
 
 def test_dropped_total_accumulates_across_rounds() -> None:
