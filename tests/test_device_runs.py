@@ -219,3 +219,29 @@ def test_an_availability_trace_excludes_offline_clients_from_sampling(tmp_path) 
     assert (rounds["online"] == 2).all() and (rounds["sampled"] == 2).all()
     assert rounds["sim-start"].iloc[0] == 0 and math.isclose(
         rounds["sim-start"].iloc[1], rounds["sim-time"].iloc[0])
+
+
+@pytest.mark.parametrize("extra", [{"strategy": "fjord"}, {"strategy": "heterofl"},
+                                   {"distill": True, "sampler": "independent"}],
+                         ids=["fjord", "heterofl", "distill"])
+def test_every_method_trains_the_macs_and_steps_the_server_priced(tmp_path, extra) -> None:
+    clients = _run(tmp_path, "priced", **extra).read("clients")
+    profiles = profiles_for([0.25, 1.0])
+    assert (clients["outcome"] == "ok").all() and len(clients) == NODES
+    for _, row in clients.iterrows():
+        seconds = profiles[row["budget"]].seconds(row["train-macs"], row["bytes-down"],
+                                                  row["bytes-up"])
+        assert row["sim-seconds"] == pytest.approx(seconds, rel=1e-9)
+        assert row["steps"] == row["planned-steps"]
+
+
+def test_over_selection_keeps_the_first_clients_to_finish(tmp_path) -> None:
+    calls: list[dict] = []
+    store = _run(tmp_path, "over", calls, **{"clients-per-round": 2, "over-selection": 1.0})
+    rows = store.read("clients").sort_values("sim-seconds")
+    assert len(rows) == NODES  # 2 x (1 + 1.0) sampled
+    assert rows["outcome"].tolist() == ["ok", "ok", "straggler", "straggler"]
+    assert rows["reason"].iloc[2:].str.contains("over-selection").all()
+    assert sorted(c["partition"] for c in calls) == sorted(rows["partition-id"].iloc[:2])
+    rounds = store.read("rounds")
+    assert rounds.loc[0, "sim-seconds"] == pytest.approx(rows["sim-seconds"].iloc[1])
