@@ -221,9 +221,9 @@ def test_an_availability_trace_excludes_offline_clients_from_sampling(tmp_path) 
         rounds["sim-start"].iloc[1], rounds["sim-time"].iloc[0])
 
 
-@pytest.mark.parametrize("extra", [{"strategy": "fjord"}, {"strategy": "heterofl"},
-                                   {"distill": True, "sampler": "independent"}],
-                         ids=["fjord", "heterofl", "distill"])
+@pytest.mark.parametrize("extra", [{}, {"strategy": "fjord"}, {"strategy": "heterofl"},
+                                   {"distill": False, "sampler": "independent"}],
+                         ids=["rankwise", "fjord", "heterofl", "independent"])
 def test_every_method_trains_the_macs_and_steps_the_server_priced(tmp_path, extra) -> None:
     clients = _run(tmp_path, "priced", **extra).read("clients")
     profiles = profiles_for([0.25, 1.0])
