@@ -49,15 +49,17 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
 
 
-def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int):
-    """This node's shuffled training loader for this round and its validation loader."""
+def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int,
+                  device: str = "cpu"):
+    """This node's shuffled training batches for this round and its validation batches, on ``device``."""
     x_train, y_train, _, _ = load_dataset(cfg.dataset)
     train_idx, val_idx = client_partition(cfg.dataset, partition_id, num_partitions,
                                           cfg.partitioner, cfg.alpha, cfg.classes_per_client,
                                           cfg.seed, cfg.val_fraction)
     seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
-    return (make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed),
-            make_loader(x_train, y_train, val_idx, batch_size=256))
+    return (make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed,
+                        device=device),
+            make_loader(x_train, y_train, val_idx, batch_size=256, device=device))
 
 
 def training_options(cfg: RunConfig, sent: ConfigRecord, model, loader) -> dict:
@@ -71,7 +73,7 @@ def training_options(cfg: RunConfig, sent: ConfigRecord, model, loader) -> dict:
     if recipe.hgl_lambda > 0:
         options["hgl_beyond"] = json.loads(str(sent[HGL_BEYOND]))
     if recipe.masked_loss:  # the classes in this client's own training data
-        options["classes"] = torch.unique(loader.dataset.tensors[1]).tolist()
+        options["classes"] = torch.unique(loader.y).tolist()
     if recipe.scaler:
         full = build_width_model(cfg.model, DATASET_SHAPES[cfg.dataset],
                                  NUM_CLASSES[cfg.dataset], device="meta")
@@ -91,18 +93,18 @@ def train_prefix(msg: Message, context: Context) -> Message:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
                       NUM_CLASSES[cfg.dataset], arrays, device=device)
-    loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round)
+    loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round, device)
     # The received model on this device's own held-out data, at the ranks it runs: what a
     # device of this tier would see locally, before it trains.
-    local = evaluate(model, val_loader)
+    local = evaluate(model, val_loader, precision=cfg.precision)
     options = training_options(cfg, msg.content["config"], model, loader)
     result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
                    cfg.lr, cfg.momentum, cfg.weight_decay, options.pop("distill"),
                    options.pop("hgl_lambda"),
                    rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
-                   optimizer=cfg.optimizer, **options)
+                   optimizer=cfg.optimizer, precision=cfg.precision, **options)
     metrics = MetricRecord({
-        "num-examples": len(loader.dataset), "train-loss": result["loss"],
+        "num-examples": loader.num_examples, "train-loss": result["loss"],
         "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],
         "train-macs": result["macs"], "steps": result["steps"],
         "val-accuracy": local["accuracy"], "val-loss": local["loss"],

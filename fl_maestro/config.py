@@ -15,6 +15,7 @@ from typing import Any
 from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS, RANK_CAPS
+from fl_maestro.precision import PRECISIONS
 from fl_maestro.training import OPTIMIZERS
 from fl_maestro.sampling import SAMPLERS
 
@@ -99,6 +100,9 @@ KEYS: dict[str, Key] = {
     "optimizer": Key("corner", f"one of {OPTIMIZERS} (corner: a step updates only the "
                      "components it trains, momentum included; sgd: torch.optim.SGD)",
                      lambda v: v in OPTIMIZERS),
+    "precision": Key("fp32", f"one of {PRECISIONS} (the dtype of the forward passes in training "
+                     "and evaluation; bf16 through autocast, parameters stay float32)",
+                     lambda v: v in PRECISIONS),
     "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))} (single-layer: Maestro's "
                    "per-layer draw, a layer's chance proportional to its ranks)",
                    lambda v: v in SAMPLERS),
@@ -151,6 +155,7 @@ class RunConfig:
     momentum: float
     weight_decay: float
     optimizer: str
+    precision: str
     sampler: str
     distill: bool
     fjord_kd: bool

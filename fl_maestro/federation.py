@@ -30,7 +30,7 @@ from fl_maestro.plans import (HGL_BEYOND, TIER_GRID, build_for, is_width, local_
                               plan_ranks, takes_part, tier_grid_ranks)
 from fl_maestro.results import RunStore
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks, tail_constants
-from fl_maestro.training import evaluate
+from fl_maestro.evaluation import evaluate_levels
 from strategies.merge import factor_layer, prefix_arrays
 from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
 from strategies.records import to_numpy, to_record
@@ -96,18 +96,20 @@ def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, floa
 
 
 def evaluation_rows(model: RankedModel, loader, fractions: list[float], server_round: int,
-                    tier_ranks: Mapping[float, Mapping[str, int]]) -> list[dict]:
+                    tier_ranks: Mapping[float, Mapping[str, int]],
+                    precision: str = "fp32") -> list[dict]:
     """Tidy rows of the global model's accuracy, loss and cost at every fraction and tier.
 
-    ``dense-relative-macs`` is relative to the same network undecomposed (what budgets are
-    fractions of; shrinking does not change it).
+    Every level is evaluated in one pass over the batches, work shared between levels computed
+    once (``fl_maestro.evaluation``). ``dense-relative-macs`` is relative to the same network
+    undecomposed (what budgets are fractions of; shrinking does not change it).
     """
     levels = [("fraction", p, model.ranks_at_fraction(p)) for p in fractions]
     levels += [("tier", b, ranks) for b, ranks in tier_ranks.items()]
     dense_macs = model.dense_cost("macs")
     rows = []
-    for kind, level, ranks in levels:
-        result = evaluate(model, loader, ranks)
+    results = evaluate_levels(model, loader, [ranks for _, _, ranks in levels], precision)
+    for (kind, level, ranks), result in zip(levels, results):
         macs = model.cost(ranks, "macs")
         values = {"accuracy": result["accuracy"], "loss": result["loss"], "macs": macs,
                   "params": model.cost(ranks, "params"),
@@ -240,10 +242,12 @@ class Federation:
         subset = np.random.default_rng(self.cfg.seed).permutation(len(self.test_y))[:n]
         # Batches of 200 keep the CNN's largest activation (20 MB) under glibc's largest
         # mmap threshold, so fl_maestro.runtime's malloc settings keep it in the heap.
-        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200)
         model = self.global_model()
+        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200,
+                             device=next(model.parameters()).device)
         tiers = {b: self.plan(model, b) for b in self.tiers}
-        return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers)
+        return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,
+                               self.cfg.precision)
 
     def train_round(self, server_round: int) -> dict:
         """One round of planning, sampling, local training, merging and shrinking."""
