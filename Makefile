@@ -43,6 +43,7 @@ test: venv data
 # Speed targets live here, not in the tests; outputs are saved under results/bench/.
 bench: venv data
 	$(PY) -m simulations.bench_layers --out results/bench
+	$(PY) -m simulations.bench_throughput --out results/bench
 	$(PY) -m simulations.bench_federation --out results/bench
 
 clean:

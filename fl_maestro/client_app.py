@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -83,34 +86,56 @@ def training_options(cfg: RunConfig, sent: ConfigRecord, model, loader) -> dict:
 
 @app.train()
 def train_prefix(msg: Message, context: Context) -> Message:
-    """Train the received prefix with ordered dropout and return it with metrics."""
+    """Train the received prefix with ordered dropout and return it with metrics.
+
+    Besides ``train-seconds``, the reply says how long the client's own framework work took:
+    ``decode-seconds`` (arrays out of the message), ``build-seconds`` (the model),
+    ``data-seconds`` (its partition's batches), ``validate-seconds`` (the local evaluation) and
+    ``encode-seconds`` (the trained arrays into the reply).
+    """
     keep_freed_memory()
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = node_identity(context)
     server_round = int(msg.content["config"]["server-round"])
-    arrays = to_numpy(msg.content["arrays"])
+    took: dict[str, float] = {}
+    with _timed(took, "decode"):
+        arrays = to_numpy(msg.content["arrays"])
     # Ray hides GPUs from actors given client-resources-num-gpus = 0, so this is the CPU there.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
-                      NUM_CLASSES[cfg.dataset], arrays, device=device)
-    loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round, device)
+    with _timed(took, "build"):
+        model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
+                          NUM_CLASSES[cfg.dataset], arrays, device=device)
+    with _timed(took, "data"):
+        loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round, device)
     # The received model on this device's own held-out data, at the ranks it runs: what a
     # device of this tier would see locally, before it trains.
-    local = evaluate(model, val_loader, precision=cfg.precision)
+    with _timed(took, "validate"):
+        local = evaluate(model, val_loader, precision=cfg.precision)
     options = training_options(cfg, msg.content["config"], model, loader)
     result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
                    cfg.lr, cfg.momentum, cfg.weight_decay, options.pop("distill"),
                    options.pop("hgl_lambda"),
                    rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
                    optimizer=cfg.optimizer, precision=cfg.precision, **options)
+    with _timed(took, "encode"):
+        reply = to_record(model_arrays(model))
     metrics = MetricRecord({
         "num-examples": loader.num_examples, "train-loss": result["loss"],
         "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],
         "train-macs": result["macs"], "steps": result["steps"],
         "val-accuracy": local["accuracy"], "val-loss": local["loss"],
-        "val-examples": local["examples"],
+        "val-examples": local["examples"], **{f"{k}-seconds": v for k, v in took.items()},
     })
     if "classes" in options:  # HeteroFL merges the output rows of these classes only
         metrics["classes"] = [int(c) for c in options["classes"]]
-    content = RecordDict({"arrays": to_record(model_arrays(model)), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+
+
+@contextmanager
+def _timed(took: dict[str, float], part: str) -> Iterator[None]:
+    """Add the block's wall-clock seconds to ``took[part]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        took[part] = took.get(part, 0.0) + time.perf_counter() - start

@@ -249,16 +249,26 @@ class Federation:
         return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,
                                self.cfg.precision)
 
-    def train_round(self, server_round: int) -> dict:
-        """One round of planning, sampling, local training, merging and shrinking."""
-        start = time.perf_counter()
-        self.replan()
-        messages = self.strategy.configure_train(server_round, to_record(self.arrays),
-                                                 ConfigRecord(), self.grid)
-        replies = self.grid.send_and_receive(messages, timeout=3600)
-        merged, metrics = self.strategy.aggregate_train(server_round, replies)
-        if merged is not None:
-            self.arrays = to_numpy(merged)
+    def train_round(self, server_round: int, timeline: Timeline | None = None) -> dict:
+        """One round of planning, sampling, local training, merging and shrinking.
+
+        Its parts are phases ``training:plan``, ``training:configure`` (slicing and encoding
+        each client's message), ``training:clients`` (waiting for the replies: the clients' work
+        and the transport) and ``training:merge`` (decoding, checking and merging the replies) of
+        ``timeline``.
+        """
+        start, timeline = time.perf_counter(), timeline or Timeline()
+        with timeline.phase(server_round, "training:plan"):
+            self.replan()
+        with timeline.phase(server_round, "training:configure"):
+            messages = self.strategy.configure_train(server_round, to_record(self.arrays),
+                                                     ConfigRecord(), self.grid)
+        with timeline.phase(server_round, "training:clients"):
+            replies = self.grid.send_and_receive(messages, timeout=3600)
+        with timeline.phase(server_round, "training:merge"):
+            merged, metrics = self.strategy.aggregate_train(server_round, replies)
+            if merged is not None:
+                self.arrays = to_numpy(merged)
         every = self.cfg.shrink_every
         if every and server_round % every == 0:
             self.shrink(server_round)
@@ -295,7 +305,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
     started = time.perf_counter()
     for rnd in range(fed.start_round, cfg.num_rounds + 1):
         with timeline.phase(rnd, "training"):
-            row = fed.train_round(rnd)
+            row = fed.train_round(rnd, timeline)
         final = rnd == cfg.num_rounds
         if final or rnd % cfg.eval_every == 0:
             with timeline.phase(rnd, "evaluation"):
@@ -316,6 +326,9 @@ class Timeline:
 
     Start times are Unix times, so they line up with what happens outside the ServerApp (the
     simulation benchmark uses them to tell Flower's start-up and shut-down from the run's own work).
+    ``cpu-seconds`` is the CPU time of the process running the ServerApp (all its threads) in the
+    phase: on a machine shared with other jobs it tells work from waiting for a core. A phase
+    named ``<phase>:<part>`` is a part of the phase ``<phase>`` of the same round.
     """
 
     def __init__(self) -> None:
@@ -324,12 +337,13 @@ class Timeline:
     @contextmanager
     def phase(self, server_round: int, name: str) -> Iterator[None]:
         """Time the block as phase ``name`` of ``server_round`` (0: before the first round)."""
-        start, clock = time.time(), time.perf_counter()
+        start, clock, cpu = time.time(), time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.rows.append({"round": server_round, "phase": name, "start": start,
-                              "seconds": time.perf_counter() - clock})
+                              "seconds": time.perf_counter() - clock,
+                              "cpu-seconds": time.process_time() - cpu})
 
     def take(self) -> list[dict]:
         """The rows recorded since the last call."""

@@ -63,7 +63,17 @@ def use_fast_layout(model: nn.Module) -> torch.memory_format:
 
 
 def to_device(x: torch.Tensor, device: torch.device, fmt: torch.memory_format) -> torch.Tensor:
-    """A batch of inputs on ``device`` in layout ``fmt`` (4-d image batches only; others as they are)."""
-    if x.dim() == 4:
-        return x.to(device, memory_format=fmt, non_blocking=True)
-    return x.to(device, non_blocking=True)
+    """A batch of inputs on ``device`` in layout ``fmt`` (4-d image batches only; others as they are).
+
+    A one-channel image batch holds the same memory in both layouts, and PyTorch keeps calling it
+    NCHW, so the first conv would take its NCHW kernels and hand NCHW activations to the pooling
+    (measured on the 28x28 stem, batch 200: 68 ms against 10 ms). Strides that say NHWC, a view
+    of the same memory, make the whole network run channels_last.
+    """
+    if x.dim() != 4:
+        return x.to(device, non_blocking=True)
+    x = x.to(device, memory_format=fmt, non_blocking=True)
+    if fmt is torch.channels_last and x.shape[1] == 1 and x.is_contiguous():
+        n, _, h, w = x.shape
+        x = x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x

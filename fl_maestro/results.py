@@ -6,8 +6,9 @@ Layout of ``results/<run>/``:
     clients.csv             one row per client reply: round, partition-id, budget, examples, loss,
                             seconds, MACs, bytes up and down
     rounds.csv              one row per round: training aggregates, dropped replies, wall time
-    timeline.csv            round, phase, start (Unix time), seconds: where the run's time went
-                            (round 0: set-up, discovery, first evaluation; again on each resume)
+    timeline.csv            round, phase, start (Unix time), seconds, cpu-seconds: where the run's
+                            time went (round 0: set-up, discovery, first evaluation; again on each
+                            resume); training:plan|configure|clients|merge are parts of training
     checkpoint-<round>.safetensors  global arrays after the last finished round (no pickle)
     checkpoint.json         round, strategy state and the arrays file of that checkpoint
 

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fl_maestro.data import Batches, load_digits, make_loader
 from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.models import CNN, MLP, ResNet18, model_arrays, pool_relu
-from fl_maestro.precision import autocast, check_precision, memory_format, use_fast_layout
+from fl_maestro.precision import (autocast, check_precision, memory_format, to_device,
+                                  use_fast_layout)
 from fl_maestro.training import evaluate, train
 from fl_maestro.width import build_width_model
 
@@ -192,3 +193,12 @@ def test_shared_evaluation_of_width_models_shares_nothing_past_a_different_stem(
 def test_shared_evaluation_refuses_unknown_layers() -> None:
     with pytest.raises(ValueError, match="unknown low-rank layer 'nope'"):
         evaluate_levels(CNN((1, 8, 8)), [], [{"nope": 1}])
+
+
+def test_one_channel_batches_run_the_network_channels_last() -> None:
+    model = CNN((1, 8, 8))
+    fmt = use_fast_layout(model)
+    x = to_device(torch.randn(4, 1, 8, 8), torch.device("cpu"), fmt)
+    stem = model.stages()[0].run(x)
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+    torch.testing.assert_close(model(x), model(torch.randn(0, 1, 8, 8).new_tensor(x.tolist())))
