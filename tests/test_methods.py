@@ -218,7 +218,9 @@ def _captured_training(tmp_path, monkeypatch, **extra) -> list[dict]:
                                       "heterofl"])
 def test_plain_sgd_strategies_train_without_dropout_or_distillation(tmp_path, monkeypatch,
                                                                    strategy):
-    calls = _captured_training(tmp_path, monkeypatch, strategy=strategy)
+    # fedavg-exclusive: only the 2 budget-1.0 nodes of 4 take part (more per round is refused).
+    per_round = {"clients-per-round": 2} if strategy == "fedavg-exclusive" else {}
+    calls = _captured_training(tmp_path, monkeypatch, strategy=strategy, **per_round)
     assert calls and all(c["sampler"] == "none" and c["distill"] is False and c["hgl"] == 0
                          for c in calls)
 
