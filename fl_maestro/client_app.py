@@ -12,11 +12,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_maestro import streams
 from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
 from fl_maestro.models import model_arrays
@@ -44,22 +44,31 @@ def node_identity(context: Context) -> tuple[int, int]:
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition and, in a deployment, its configured budget."""
+    """Tell the server this node's partition, its number of training examples (the most a reply
+    may claim) and, in a deployment, its configured budget."""
     partition_id, num_partitions = node_identity(context)
-    info = {"partition-id": partition_id, "num-partitions": num_partitions}
+    train_idx, _ = partition_split(parse_run_config(context.run_config), partition_id,
+                                   num_partitions)
+    info = {"partition-id": partition_id, "num-partitions": num_partitions,
+            "train-examples": len(train_idx)}
     if "budget" in context.node_config:
         info["budget"] = float(context.node_config["budget"])
     return Message(content=RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
+
+
+def partition_split(cfg: RunConfig, partition_id: int, num_partitions: int):
+    """This node's (train, validation) indices into the dataset's training set."""
+    return client_partition(cfg.dataset, partition_id, num_partitions, cfg.partitioner, cfg.alpha,
+                            cfg.classes_per_client, streams.seed_int(cfg.seed, "partition"),
+                            cfg.val_fraction)
 
 
 def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int,
                   device: str = "cpu"):
     """This node's shuffled training batches for this round and its validation batches, on ``device``."""
     x_train, y_train, _, _ = load_dataset(cfg.dataset)
-    train_idx, val_idx = client_partition(cfg.dataset, partition_id, num_partitions,
-                                          cfg.partitioner, cfg.alpha, cfg.classes_per_client,
-                                          cfg.seed, cfg.val_fraction)
-    seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
+    train_idx, val_idx = partition_split(cfg, partition_id, num_partitions)
+    seed = streams.seed_int(cfg.seed, "shuffle", server_round, partition_id)
     return (make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed,
                         device=device),
             make_loader(x_train, y_train, val_idx, batch_size=256, device=device))
@@ -115,7 +124,7 @@ def train_prefix(msg: Message, context: Context) -> Message:
     result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
                    cfg.lr, cfg.momentum, cfg.weight_decay, options.pop("distill"),
                    options.pop("hgl_lambda"),
-                   rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
+                   rng=streams.rng(cfg.seed, "training", server_round, partition_id),
                    optimizer=cfg.optimizer, precision=cfg.precision, **options)
     with _timed(took, "encode"):
         reply = to_record(model_arrays(model))

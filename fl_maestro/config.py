@@ -125,6 +125,11 @@ KEYS: dict[str, Key] = {
     "eval-every": Key(1, "an integer >= 1", _int(1)),
     "eval-samples": Key(2000, "an integer >= 0 (0: the whole test set)", _int(0)),
     "init": Key("random", "'random' or 'svd:<path to a dense state dict .safetensors>'", _init),
+    "min-reply-share": Key(0.5, "a number in [0, 1] (a round with fewer usable replies than this "
+                           "share of the clients it sampled stops the run with an error)",
+                           _number(0, 1)),
+    "tensorboard": Key(False, "true or false (TensorBoard scalars in results/<run>/tensorboard; "
+                       "needs the 'tensorboard' extra)", _is_bool),
 }
 
 
@@ -169,6 +174,8 @@ class RunConfig:
     eval_every: int
     eval_samples: int
     init: str
+    min_reply_share: float
+    tensorboard: bool
 
     @property
     def fractions(self) -> list[float]:
@@ -202,7 +209,8 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
                 and not isinstance(value, bool):
             value = str(value)  # `eval-fractions=1.0` on the command line arrives as a number
         if not key.check(value):
-            raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed {key.allowed}")
+            raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed "
+                             f"{key.allowed}{_why(name, value)}")
         values[name.replace("-", "_")] = value
     cfg = RunConfig(**values)
     _check_combination(cfg)
@@ -228,6 +236,17 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "heterofl-scaler": ("heterofl",),
     "heterofl-merge-weight": ("heterofl",),
 }
+
+
+def _why(name: str, value: Any) -> str:
+    """What exactly is wrong with a bad device mix (its parser says: "shares sum to 0.9")."""
+    if name != "device-mix":
+        return ""
+    try:
+        parse_mix(value)
+    except ValueError as err:
+        return f" ({err})"
+    return ""
 
 
 def _check_combination(cfg: RunConfig) -> None:

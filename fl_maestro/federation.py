@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -22,25 +22,40 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from safetensors.numpy import load_file
 
+from fl_maestro import streams
 from fl_maestro.budgets import assign_budgets, parse_mix
 from fl_maestro.config import RunConfig
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
 from fl_maestro.plans import (HGL_BEYOND, TIER_GRID, build_for, is_width, local_training, model_for,
                               plan_ranks, takes_part, tier_grid_ranks)
-from fl_maestro.results import RunStore
+from fl_maestro.results import RunLock, RunStore, check_finite
+from fl_maestro.scalars import Scalars
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks, tail_constants
 from fl_maestro.evaluation import evaluate_levels
+from fl_maestro.timeline import Timeline
 from strategies.merge import factor_layer, prefix_arrays
-from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
+from strategies.rankwise import USABLE, ClientSpec, RankWiseFedAvg, WidthFedAvg
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
 # The output layer's arrays (rows = classes) of every model: HeteroFL merges a client's rows only.
 OUTPUT_ROWS = ("classifier.weight", "classifier.bias")
+
+class RoundFailed(RuntimeError):
+    """A round lost too many replies for its result to mean anything."""
+
+
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every", "results-dir"})
+RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every", "results-dir",
+                               "min-reply-share", "tensorboard"})
+
+
+def resume_changes(saved: Mapping, now: Mapping) -> dict:
+    """Keys (saved value, new value) a resumed run may not change but does."""
+    return {k: (saved.get(k), v) for k, v in now.items()
+            if k not in RESUMABLE_CHANGES and saved.get(k) != v}
 
 
 class Discovery:
@@ -90,9 +105,14 @@ def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, floa
     counts = {int(info["num-partitions"]) for info in nodes.values()}
     if len(counts) != 1:
         raise ValueError(f"nodes disagree on num-partitions: {sorted(counts)}")
-    mix_budgets = assign_budgets(cfg.device_mix, counts.pop(), np.random.default_rng(cfg.seed))
+    mix_budgets = assign_budgets(cfg.device_mix, counts.pop(), streams.rng(cfg.seed, "budgets"))
     return {node: float(info["budget"]) if "budget" in info
             else float(mix_budgets[int(info["partition-id"])]) for node, info in nodes.items()}
+
+
+def evaluation_subset(seed: int, size: int, n: int) -> np.ndarray:
+    """The ``n`` test examples (of ``size``) the global model is evaluated on, by seed."""
+    return streams.rng(seed, "evaluation").permutation(size)[:n]
 
 
 def evaluation_rows(model: RankedModel, loader, fractions: list[float], server_round: int,
@@ -130,13 +150,13 @@ def shrink_arrays(arrays: Mapping[str, np.ndarray], threshold: float) -> dict[st
 def initial_arrays(cfg: RunConfig) -> dict[str, np.ndarray]:
     """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
     with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(streams.seed_int(cfg.seed, "init"))
         model = build_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
                           NUM_CLASSES[cfg.dataset], rank_cap=cfg.rank_cap)
     if cfg.init.startswith("svd:"):
         load_dense_state(model, load_file(cfg.init[4:]))
         log.info("initialised every factor pair by SVD of %s", cfg.init[4:])
-    return model_arrays(model)
+    return check_finite(model_arrays(model), f"the initial model ({cfg.init})")
 
 
 class Federation:
@@ -155,6 +175,8 @@ class Federation:
         self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
+        self.examples: dict[int, int] = {}
+        self.saved_nodes: dict | None = None  # the checkpointed run's partitions and budgets
         self.start_round = 1
         # Budgets are fractions of the dense (undecomposed) model's cost, for every strategy:
         # a width-sliced baseline's device gets the MACs a rank-wise device of its tier gets,
@@ -163,6 +185,9 @@ class Federation:
                                           "none").dense_cost(cfg.cost)
         if cfg.resume and self.store.has_checkpoint():
             self._resume()
+        elif cfg.resume:
+            raise ValueError(f"resume=true but {self.store.root} holds no checkpoint to resume "
+                             "from: check run-name and results-dir, or drop resume=true")
         elif self.store.has_checkpoint():
             raise ValueError(f"{self.store.root} already holds a run: pass resume=true to continue "
                              "it, or choose another run-name")
@@ -170,18 +195,19 @@ class Federation:
             self.store.clear()  # leftovers of a run killed before its first checkpoint
             self.arrays = initial_arrays(cfg)
         self.store.write_config(cfg.to_dict())
+        self.scalars = Scalars(self.store.root / "tensorboard", self.start_round) \
+            if cfg.tensorboard else None
         _, _, self.test_x, self.test_y = load_dataset(cfg.dataset)
 
 
     def _resume(self) -> None:
-        saved = self.store.read_config()
-        changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        changed = resume_changes(self.store.read_config(), self.cfg.to_dict())
         if changed:
             raise ValueError(f"resume=true but the config differs from the checkpointed run in "
                              f"{changed} (saved, now); only {sorted(RESUMABLE_CHANGES)} may change")
         last, self.arrays, state = self.store.load_checkpoint()
         self.strategy.load_state_dict(state["strategy"])
+        self.saved_nodes = state.get("nodes")
         self.store.truncate_after(last)
         self.start_round = last + 1
         log.info("resuming %s after round %d", self.store.root, last)
@@ -205,11 +231,35 @@ class Federation:
         """Learn every node's partition and budget (node config, else the device mix)."""
         self.budgets = node_budgets(self.cfg, nodes)
         self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
+        self.examples = {n: int(info["train-examples"]) for n, info in nodes.items()
+                         if "train-examples" in info}
+        self._check_same_nodes(nodes)
         # Deployment budgets from node configs are tiers too, evaluated and planned for.
         self.tiers = sorted(set(self.tiers) | set(self.budgets.values()))
-        if not any(takes_part(self.cfg.strategy, b) for b in self.budgets.values()):
+        taking_part = sum(takes_part(self.cfg.strategy, b) for b in self.budgets.values())
+        if not taking_part:
             raise ValueError(f"strategy {self.cfg.strategy!r}: no node takes part with budgets "
                              f"{sorted(set(self.budgets.values()))}")
+        if self.cfg.clients_per_round > taking_part:
+            raise ValueError(f"clients-per-round = {self.cfg.clients_per_round} but only "
+                             f"{taking_part} of {len(nodes)} nodes take part under strategy "
+                             f"{self.cfg.strategy!r}: lower it or start more SuperNodes")
+
+    def node_state(self) -> dict:
+        """What the checkpoint keeps of the nodes: partition count and each partition's budget."""
+        return {"num-partitions": len(self.partitions),
+                "budgets": {str(self.partitions[n]): b for n, b in sorted(self.budgets.items())}}
+
+    def _check_same_nodes(self, nodes: Mapping[int, Mapping]) -> None:
+        """A resumed run must see the partitions and budgets it was checkpointed with."""
+        if self.saved_nodes is None:
+            return
+        now = self.node_state()
+        for key in ("num-partitions", "budgets"):
+            if now[key] != self.saved_nodes[key]:
+                raise ValueError(f"resume=true but the nodes differ from the checkpointed run's "
+                                 f"{key}: saved {self.saved_nodes[key]}, now {now[key]}; resume "
+                                 "with the same number of SuperNodes (and node configs)")
 
     def replan(self) -> None:
         """Give the strategy every taking-part node's ranks on the current global model."""
@@ -218,7 +268,7 @@ class Federation:
         shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
         extra = {b: self.client_config(model, b, r) for b, r in ranks.items()}
         self.strategy.set_clients({
-            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b])
+            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b], self.examples.get(n))
             for n, b in self.budgets.items() if takes_part(self.cfg.strategy, b)})
 
     def client_config(self, model: RankedModel, budget: float,
@@ -239,7 +289,7 @@ class Federation:
     def evaluate(self, server_round: int, final: bool = False) -> list[dict]:
         """Evaluate the global model (on the whole test set for the final round)."""
         n = len(self.test_y) if final or self.cfg.eval_samples == 0 else self.cfg.eval_samples
-        subset = np.random.default_rng(self.cfg.seed).permutation(len(self.test_y))[:n]
+        subset = evaluation_subset(self.cfg.seed, len(self.test_y), n)
         # Batches of 200 keep the CNN's largest activation (20 MB) under glibc's largest
         # mmap threshold, so fl_maestro.runtime's malloc settings keep it in the heap.
         model = self.global_model()
@@ -287,11 +337,41 @@ class Federation:
     def checkpoint(self, server_round: int) -> None:
         """Save everything a resumed run needs to continue after ``server_round``."""
         self.store.save_checkpoint(server_round, self.arrays,
-                                   {"strategy": self.strategy.state_dict()})
+                                   {"strategy": self.strategy.state_dict(),
+                                    "nodes": self.node_state()})
+
+    def record(self, server_round: int, row: Mapping | None, evaluation: list[dict]) -> None:
+        """Append a round's rows to the tables (and the TensorBoard scalars, when on)."""
+        self.store.append("evaluation", evaluation)
+        if row is not None:
+            self.store.append("clients", self.strategy.client_rows)
+            self.store.append("rounds", [row])
+        if self.scalars is not None:
+            self.scalars.add(server_round, row, evaluation)
+
+    def check_replies(self, row: Mapping) -> None:
+        """Stop the run when a round got fewer usable replies than ``min-reply-share`` asks."""
+        sent, usable = int(row.get("sent", 0)), int(row.get("clients", 0))
+        if sent and usable < self.cfg.min_reply_share * sent:
+            reasons = Counter(f"{r['outcome']}: {r['reason']}" for r in self.strategy.client_rows
+                              if r["outcome"] not in USABLE)
+            listed = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(5))
+            raise RoundFailed(f"round {row['round']}: only {usable} of {sent} clients sent a usable "
+                              f"reply (min-reply-share = {self.cfg.min_reply_share}); {listed}")
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
-    """Run every round, writing results as it goes; returns the final per-tier table."""
+    """Run every round, writing results as it goes; returns the final per-tier table.
+
+    The run folder is locked for the whole run: a second writer (a resume started while this run
+    goes on) is refused with a message naming this process.
+    """
+    with RunLock(f"{cfg.results_dir}/{cfg.name}"):
+        return _run_rounds(grid, cfg)
+
+
+def _run_rounds(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
+    """Set up, discover the nodes, then train, evaluate and checkpoint every round."""
     timeline = Timeline()
     with timeline.phase(0, "set-up"):
         discovery = Discovery(grid)  # nodes answer while the server sets up
@@ -300,55 +380,31 @@ def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
         fed.set_nodes(discovery.result())
     if fed.start_round == 1:
         with timeline.phase(0, "evaluation"):
-            fed.store.append("evaluation", fed.evaluate(0))
+            fed.record(0, None, fed.evaluate(0))
     fed.store.append("timeline", timeline.take())
     started = time.perf_counter()
     for rnd in range(fed.start_round, cfg.num_rounds + 1):
         with timeline.phase(rnd, "training"):
             row = fed.train_round(rnd, timeline)
-        final = rnd == cfg.num_rounds
+        try:
+            fed.check_replies(row)
+        except RoundFailed:  # the failed round's rows stay, for the record; no checkpoint
+            fed.record(rnd, row, [])
+            raise
+        evaluation, final = [], rnd == cfg.num_rounds
         if final or rnd % cfg.eval_every == 0:
             with timeline.phase(rnd, "evaluation"):
-                fed.store.append("evaluation", fed.evaluate(rnd, final=final))
+                evaluation = fed.evaluate(rnd, final=final)
         with timeline.phase(rnd, "results"):
-            fed.store.append("clients", fed.strategy.client_rows)
-            fed.store.append("rounds", [row])
+            fed.record(rnd, row, evaluation)
             fed.checkpoint(rnd)
         fed.store.append("timeline", timeline.take())
         _log_progress(fed, rnd, started)
+    if fed.scalars is not None:
+        fed.scalars.close()
     table = tier_table(fed.store.read("evaluation"), cfg.num_rounds)
     log.info("final global-model accuracy by tier (%s):\n%s", fed.store.root, table.to_string())
     return table
-
-
-class Timeline:
-    """Wall-clock phases of a run, kept as rows for the ``timeline`` table.
-
-    Start times are Unix times, so they line up with what happens outside the ServerApp (the
-    simulation benchmark uses them to tell Flower's start-up and shut-down from the run's own work).
-    ``cpu-seconds`` is the CPU time of the process running the ServerApp (all its threads) in the
-    phase: on a machine shared with other jobs it tells work from waiting for a core. A phase
-    named ``<phase>:<part>`` is a part of the phase ``<phase>`` of the same round.
-    """
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    @contextmanager
-    def phase(self, server_round: int, name: str) -> Iterator[None]:
-        """Time the block as phase ``name`` of ``server_round`` (0: before the first round)."""
-        start, clock, cpu = time.time(), time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.rows.append({"round": server_round, "phase": name, "start": start,
-                              "seconds": time.perf_counter() - clock,
-                              "cpu-seconds": time.process_time() - cpu})
-
-    def take(self) -> list[dict]:
-        """The rows recorded since the last call."""
-        rows, self.rows = self.rows, []
-        return rows
 
 
 def _log_progress(fed: Federation, rnd: int, started: float) -> None:
