@@ -15,6 +15,7 @@ from typing import Any
 from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS, RANK_CAPS
+from fl_maestro.precision import PRECISIONS
 from fl_maestro.training import OPTIMIZERS
 from fl_maestro.sampling import SAMPLERS
 
@@ -104,6 +105,9 @@ KEYS: dict[str, Key] = {
     "optimizer": Key("corner", f"one of {OPTIMIZERS} (corner: a step updates only the "
                      "components it trains, momentum included; sgd: torch.optim.SGD)",
                      lambda v: v in OPTIMIZERS),
+    "precision": Key("fp32", f"one of {PRECISIONS} (the dtype of the forward passes in training "
+                     "and evaluation; bf16 through autocast, parameters stay float32)",
+                     lambda v: v in PRECISIONS),
     "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))} (single-layer: Maestro's "
                    "per-layer draw, a layer's chance proportional to its ranks)",
                    lambda v: v in SAMPLERS),
@@ -142,6 +146,11 @@ KEYS: dict[str, Key] = {
                         _is_str),
     "over-selection": Key(0.0, "a number in [0, 10]: sample clients-per-round x (1 + this) and "
                           "keep the first clients-per-round to finish (0: off)", _number(0, 10)),
+    "min-reply-share": Key(0.5, "a number in [0, 1] (a round with fewer usable replies than this "
+                           "share of the clients it sampled stops the run with an error)",
+                           _number(0, 1)),
+    "tensorboard": Key(False, "true or false (TensorBoard scalars in results/<run>/tensorboard; "
+                       "needs the 'tensorboard' extra)", _is_bool),
 }
 
 
@@ -172,6 +181,7 @@ class RunConfig:
     momentum: float
     weight_decay: float
     optimizer: str
+    precision: str
     sampler: str
     distill: bool
     fjord_kd: bool
@@ -190,6 +200,8 @@ class RunConfig:
     deadline_policy: str
     availability: str
     over_selection: float
+    min_reply_share: float
+    tensorboard: bool
 
     @property
     def fractions(self) -> list[float]:
@@ -223,7 +235,8 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
                 and not isinstance(value, bool):
             value = str(value)  # `eval-fractions=1.0` on the command line arrives as a number
         if not key.check(value):
-            raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed {key.allowed}")
+            raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed "
+                             f"{key.allowed}{_why(name, value)}")
         values[name.replace("-", "_")] = value
     cfg = RunConfig(**values)
     _check_combination(cfg)
@@ -249,6 +262,17 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "heterofl-scaler": ("heterofl",),
     "heterofl-merge-weight": ("heterofl",),
 }
+
+
+def _why(name: str, value: Any) -> str:
+    """What exactly is wrong with a bad device mix (its parser says: "shares sum to 0.9")."""
+    if name != "device-mix":
+        return ""
+    try:
+        parse_mix(value)
+    except ValueError as err:
+        return f" ({err})"
+    return ""
 
 
 def _check_combination(cfg: RunConfig) -> None:

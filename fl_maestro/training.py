@@ -16,6 +16,9 @@ weight, momentum and weight decay until it is trained again. ``optimizer="sgd"``
 step instead: ``torch.optim.SGD`` over whole parameters, so momentum keeps moving components a step
 did not reach, and weight decay applies to the client's whole trained corner every step. Either
 way, components past the client's maximum ranks are never changed.
+
+``precision`` (``fl_maestro.precision``) picks the dtype of the forward passes (``fp32``, or
+``bf16`` autocast); conv models train in the channels_last layout.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_maestro import streams
+from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.layers import leading
-from fl_maestro.models import RankedModel, at_ranks
+from fl_maestro.models import RankedModel
 from fl_maestro.optim import CornerSGD, corner_view
+from fl_maestro.precision import autocast, check_precision, to_device, use_fast_layout
 from fl_maestro.sampling import Sampler, get_sampler
 from fl_maestro.shrinking import hgl_penalty
 
@@ -47,7 +53,7 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
           hgl_lambda: float = 0.0, rng: np.random.Generator | None = None,
           optimizer: str = "corner",
           hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
-          classes: Iterable[int] | None = None,
+          classes: Iterable[int] | None = None, precision: str = "fp32",
           max_steps: int | None = None) -> dict[str, float]:
     """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
 
@@ -60,6 +66,8 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
     model.set_ranks(max_ranks)  # validates the ranks
     draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
     rng = np.random.default_rng(0) if rng is None else rng
+    check_precision(precision)
+    fmt = use_fast_layout(model)  # before make_step: momentum buffers take the parameters' layout
     step = make_step(model, optimizer, lr, momentum, weight_decay, max_ranks)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
@@ -77,11 +85,12 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
         for x, y in loader:
             if steps == max_steps:
                 break
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(x, device, fmt), y.to(device, non_blocking=True)
             ranks = draw(max_ranks, rng)
             trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
             loss, logits = step(trained, lambda: _step_loss(model, x, y, max_ranks, ranks, distill,
-                                                            hgl_lambda, hgl_beyond, absent))
+                                                            hgl_lambda, hgl_beyond, absent,
+                                                            precision))
             steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -102,7 +111,7 @@ def step_macs(batch: int, sampled_macs: float, full_macs: float, distill: bool) 
 
 def step_rng(seed: int, server_round: int, partition_id: int) -> np.random.Generator:
     """The generator of a client's ordered-dropout draws in a round (client and server agree)."""
-    return np.random.default_rng([seed, server_round, partition_id, 1])
+    return streams.rng(seed, "training", server_round, partition_id)
 
 
 def batch_sizes(num_examples: int, batch_size: int, epochs: int) -> list[int]:
@@ -177,8 +186,19 @@ def _decay_corners(model: RankedModel, corners: Mapping[str, tuple[int, ...]], w
 def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: Mapping[str, int],
                ranks: Mapping[str, int], distill: bool, hgl_lambda: float,
                hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
-               absent: torch.Tensor | None = None):
+               absent: torch.Tensor | None = None, precision: str = "fp32"):
     """The step's loss and the logits of the pass trained on the labels."""
+    with autocast(precision, x.device):
+        loss, logits = _passes_loss(model, x, y, max_ranks, ranks, distill, absent)
+    if hgl_lambda > 0:  # in float32, outside autocast: norms of the factors themselves
+        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks, hgl_beyond)
+    return loss, logits
+
+
+def _passes_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor,
+                 max_ranks: Mapping[str, int], ranks: Mapping[str, int], distill: bool,
+                 absent: torch.Tensor | None = None):
+    """The cross-entropy of the step's forward passes, and the logits trained on the labels."""
     def forward() -> torch.Tensor:
         logits = model(x)
         return logits if absent is None else logits.masked_fill(absent, 0.0)
@@ -194,24 +214,11 @@ def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: 
         model.set_ranks(ranks)
         logits = forward()
         loss = F.cross_entropy(logits, y)
-    if hgl_lambda > 0:
-        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks, hgl_beyond)
     return loss, logits
 
 
-@torch.no_grad()
-def evaluate(model: RankedModel, loader: Iterable, ranks: Mapping[str, int] | None = None) -> dict[str, float]:
+def evaluate(model: RankedModel, loader: Iterable, ranks: Mapping[str, int] | None = None,
+             precision: str = "fp32") -> dict[str, float]:
     """Loss and accuracy of ``model`` at ``ranks`` (default: its maximum ranks)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    with at_ranks(model, model.max_ranks() if ranks is None else ranks):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-    model.train(was_training)
-    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "examples": seen}
+    return evaluate_levels(model, loader, [model.max_ranks() if ranks is None else ranks],
+                           precision)[0]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from fl_maestro import streams
 from fl_maestro.availability import Availability, parse_availability
 from fl_maestro.budgets import parse_mix
 from fl_maestro.devices import DEFAULT_TIER, DeviceProfile, check_profiles, parse_profiles, \
@@ -40,12 +41,11 @@ POLICIES = ("wait", "drop", "partial")
 # training (straggler, dropout), or seen in its reply (error, invalid, timeout).
 OUTCOMES = ("ok", "partial", "straggler", "dropout", "error", "invalid", "timeout")
 MERGED = ("ok", "partial")
-_STREAM = 0x646576  # the device world's own stream of the run's seed ("dev")
 
 
 def round_rng(seed: int, server_round: int) -> np.random.Generator:
     """The run's seeded generator of a round's dropouts and crashes (the same on every resume)."""
-    return np.random.default_rng([seed, _STREAM, server_round])
+    return streams.rng(seed, "world", server_round)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ reproducible whatever node ids the SuperLink hands out.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,15 +20,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl_maestro import streams
 from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested,
                               prefix_arrays)
 from strategies.records import nbytes, to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
+# What became of each sampled client (the ``outcome`` column of clients.csv). A usable reply is
+# merged; every other outcome is dropped and counted in rounds.csv as ``dropped-<outcome>``.
+USABLE = ("ok", "partial")
+FAILED = ("straggler", "dropout", "error", "invalid", "timeout")
+
 Arrays = dict[str, np.ndarray]
-# What can go wrong with a client the strategy sent to, as seen in its reply (or its absence).
-FAULTS = ("error", "invalid", "timeout")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class ClientSpec:
     ranks: Mapping[str, int] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] | None = None  # the slice's shapes, when not a prefix
     config: Mapping[str, int | float | str | bool] = field(default_factory=dict)  # sent with it
+    max_examples: int | None = None  # its partition's training examples, known at discovery
 
 
 def _placeholder(array: np.ndarray) -> np.ndarray:
@@ -65,7 +71,7 @@ class RankWiseFedAvg(FedAvg):
         # Arrays whose rows are classes, merged only on the rows of the classes a client reports
         # in its "classes" metric (HeteroFL's masked output layer).
         self.label_rows = tuple(label_rows)
-        self.rng = np.random.default_rng(seed)
+        self.rng = streams.rng(seed, "sampling")
         self.clients: dict[int, ClientSpec] = {}
         self.client_rows: list[dict] = []  # one row per client reply of the last round
         self.dropped_total = 0
@@ -131,73 +137,61 @@ class RankWiseFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop and count bad ones, merge the rest rank by rank.
-
-        Every client sent to gets a row in ``client_rows`` with its ``outcome``: ``ok`` (merged),
-        ``error`` (its ClientApp failed), ``invalid`` (a check failed) or ``timeout`` (no reply).
-        """
-        rows: dict[int, dict] = {}
-        good: list[tuple[int, tuple[Arrays, float]]] = []
-        for message in replies:
-            node_id = message.metadata.src_node_id
-            if node_id not in self._bytes_down or node_id in rows:
-                log.warning("round %d: ignored a reply from node %d, which was not asked",
-                            server_round, node_id)
-                continue
-            if message.has_error():
-                rows[node_id] = self._row(server_round, node_id, "error", message.error.reason)
-                log.warning("round %d: partition %d failed: %s", server_round,
-                            self.clients[node_id].partition_id, message.error.reason)
-                continue
-            rows[node_id], accepted = self._accept(server_round, message)
+        """Judge every sent client's reply (ok, error, invalid or none), merge the good ones."""
+        by_node = self._replies_by_node(server_round, replies)
+        good, rows, self.client_rows = [], [], []
+        for node_id in sorted(self._bytes_down, key=lambda n: self.clients[n].partition_id):
+            row, accepted = self._judge(server_round, node_id, by_node.get(node_id))
+            self.client_rows.append(row)
             if accepted is not None:
-                good.append((self.clients[node_id].partition_id, accepted))
-        for node_id in self._bytes_down.keys() - rows.keys():
-            rows[node_id] = self._row(server_round, node_id, "timeout", "no reply")
-        self.client_rows = sorted(rows.values(), key=lambda r: r["partition-id"])
-        dropped = len(self._bytes_down) - len(good)  # bad, failed or never answered
-        self.dropped_total += dropped
-        metrics = self._round_metrics(self.client_rows)
+                good.append(accepted[:2])
+                rows.append(accepted[2])
+        metrics = self._round_metrics()
+        self.dropped_total += int(metrics["dropped"])
         if not good:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
             return None, metrics
-        # partition-id order: a seeded run merges bit-identically whatever the reply order
-        good.sort(key=lambda g: g[0])
-        merged = merge_nested(self._sent, [(a, w) for _, (a, w, _) in good],
-                              [rows for _, (_, _, rows) in good])
-        return to_record(merged), metrics
+        return to_record(merge_nested(self._sent, good, rows)), metrics
 
-    def _row(self, server_round: int, node_id: int, outcome: str, reason: str = "",
-             **values: Any) -> dict:
-        """One client's row of the round: who, its outcome, and the bytes it was sent."""
+    def _replies_by_node(self, server_round: int, replies: Iterable[Message]
+                         ) -> dict[int, Message]:
+        """The first reply of each node this round was sent to; anything else is logged."""
+        by_node: dict[int, Message] = {}
+        for message in replies:
+            node_id = message.metadata.src_node_id
+            if node_id not in self._bytes_down or node_id in by_node:
+                log.warning("round %d: ignored an unexpected reply from node %d", server_round,
+                            node_id)
+                continue
+            by_node[node_id] = message
+        return by_node
+
+    def _judge(self, server_round: int, node_id: int, message: Message | None
+               ) -> tuple[dict, tuple[Arrays, float, dict | None] | None]:
+        """The client's row of ``clients.csv`` and, for a usable reply, its (arrays, weight,
+        label rows)."""
         spec = self.clients[node_id]
-        return {"round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
-                "outcome": outcome, "reason": reason, **values,
-                "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": values.get(
-                    "bytes-up", 0)}
-
-    def _accept(self, server_round: int, message: Message
-                ) -> tuple[dict, tuple[Arrays, float, dict[str, np.ndarray] | None] | None]:
-        """The reply's row and its (arrays, weight, label rows) if it passes every check."""
-        node_id = message.metadata.src_node_id
-        metrics = message.content.metric_records.get("metrics")
-        values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
-        try:
-            record = message.content.array_records.get(self.arrayrecord_key)
-            if record is None or metrics is None:
-                raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
-            arrays = to_numpy(record)
-            examples = metrics.get(self.weighted_by_key)
-            # Against what this node was sent: a reply may not grow past its own slice.
-            check_reply(self._sent_shapes[node_id], arrays, examples, cut_shared=self.cut_shared)
-            rows = self._label_rows(metrics.get("classes")) if self.label_rows else None
-        except InvalidReply as err:
-            log.warning("round %d: dropped reply of partition %d: %s", server_round,
-                        self.clients[node_id].partition_id, err)
-            return self._row(server_round, node_id, "invalid", f"invalid: {err}", **values), None
-        row = self._row(server_round, node_id, "ok", **values, **{"bytes-up": nbytes(arrays)})
-        weight = 1.0 if self.merge_weight == "clients" else float(examples)
-        return row, (arrays, weight, rows)
+        row = {"round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
+               "outcome": "ok", "reason": "", "steps": 0,
+               "bytes-down": self._bytes_down[node_id], "bytes-up": 0}
+        if message is None:
+            row.update(outcome="timeout", reason="no reply before the round's timeout")
+        elif message.has_error():
+            row.update(outcome="error", reason=f"code {message.error.code}: {message.error.reason}")
+        else:
+            try:
+                arrays, examples, metrics = self._checked(node_id, message)
+                label_rows = self._label_rows(metrics.get("classes")) if self.label_rows else None
+            except InvalidReply as err:
+                row.update(outcome="invalid", reason=f"invalid: {err}")
+            else:
+                row.update({k: float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float))}, **{"bytes-up": nbytes(arrays)})
+                weight = 1.0 if self.merge_weight == "clients" else float(examples)
+                return row, (arrays, weight, label_rows)
+        log.warning("round %d: dropped partition %d (%s): %s", server_round, spec.partition_id,
+                    row["outcome"], row["reason"])
+        return row, None
 
     def _label_rows(self, classes: object) -> dict[str, np.ndarray]:
         """The rows of ``label_rows`` arrays a reply's ``classes`` metric covers."""
@@ -208,18 +202,37 @@ class RankWiseFedAvg(FedAvg):
                                f"0..{outputs - 1}, got {classes!r}")
         return {name: np.array(sorted(classes)) for name in self.label_rows}
 
-    def _round_metrics(self, rows: list[dict]) -> MetricRecord:
-        """Example-weighted training loss and accuracy of the merged replies plus round totals."""
-        merged = [r for r in rows if r["outcome"] == "ok"]
-        counts = {f"dropped-{o}": sum(r["outcome"] == o for r in rows) for o in FAULTS}
-        totals = {"clients": len(merged), "dropped": len(rows) - len(merged), **counts,
+    def _checked(self, node_id: int, message: Message) -> tuple[Arrays, float, MetricRecord]:
+        """The reply's arrays, example count and metrics; InvalidReply if any check fails."""
+        record = message.content.array_records.get(self.arrayrecord_key)
+        metrics = message.content.metric_records.get("metrics")
+        if record is None or metrics is None:
+            raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
+        arrays = to_numpy(record)
+        examples = metrics.get(self.weighted_by_key)
+        # Against exactly what this node was sent, and no more examples than its partition holds.
+        check_reply(self._sent_shapes[node_id], arrays, examples, cut_shared=self.cut_shared,
+                    exact=True, max_examples=self.clients[node_id].max_examples)
+        return arrays, examples, metrics
+
+    def _round_metrics(self) -> MetricRecord:
+        """Example-weighted training loss and accuracy of the usable replies, plus round totals.
+
+        ``bytes-down`` counts what was sent to every sampled client, failed ones included;
+        ``dropped`` counts every client without a usable reply, ``dropped-<outcome>`` by reason.
+        """
+        rows = self.client_rows
+        ok = [r for r in rows if r["outcome"] in USABLE]
+        counts = Counter(r["outcome"] for r in rows)
+        totals = {"clients": len(ok), "sent": len(rows), "dropped": len(rows) - len(ok),
+                  **{f"dropped-{o}": counts.get(o, 0) for o in FAILED},
                   "bytes-down": float(sum(r["bytes-down"] for r in rows)),
-                  "bytes-up": float(sum(r["bytes-up"] for r in rows)),
-                  "train-macs": float(sum(r.get("train-macs", 0.0) for r in merged))}
-        if not merged:
+                  "bytes-up": float(sum(r["bytes-up"] for r in ok)),
+                  "train-macs": float(sum(r.get("train-macs", 0.0) for r in ok))}
+        if not ok:
             return MetricRecord(totals)
-        weights = np.array([r[self.weighted_by_key] for r in merged])
-        mean = lambda key: float(np.average([r.get(key, 0.0) for r in merged], weights=weights))  # noqa: E731
+        weights = np.array([r[self.weighted_by_key] for r in ok])
+        mean = lambda key: float(np.average([r.get(key, 0.0) for r in ok], weights=weights))  # noqa: E731
         return MetricRecord({"train-loss": mean("train-loss"),
                              "train-accuracy": mean("train-accuracy"),
                              "examples": float(weights.sum()), **totals})

@@ -16,8 +16,12 @@ def to_numpy(record: ArrayRecord) -> Arrays:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """A dict of numpy arrays as a Flower ArrayRecord (contiguous copies where needed)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    """A dict of numpy arrays as a Flower ArrayRecord (contiguous copies where needed).
+
+    ``np.require``, not ``np.ascontiguousarray``: the latter turns a 0-d array into shape (1,),
+    and a client echoing such an array back would fail the shape check.
+    """
+    return ArrayRecord({name: Array(np.require(a, requirements="C")) for name, a in arrays.items()})
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
