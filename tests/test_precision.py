@@ -24,12 +24,13 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return load_digits()
 
 
-def _trained_cnn(digits, precision: str = "fp32", seed: int = 0, epochs: int = 1) -> CNN:
+def _trained_cnn(digits, precision: str = "fp32", seed: int = 0, epochs: int = 1,
+                 lr: float = 0.05) -> CNN:
     x, y, _, _ = digits
     torch.manual_seed(seed)
     model = CNN(input_shape=(1, 8, 8))
     train(model, make_loader(x, y, batch_size=32, shuffle=True, seed=seed), epochs=epochs,
-          distill=False, rng=np.random.default_rng(seed), precision=precision)
+          lr=lr, distill=False, rng=np.random.default_rng(seed), precision=precision)
     return model
 
 
@@ -67,11 +68,14 @@ def test_same_seed_and_precision_train_to_identical_weights(digits, precision: s
 def test_precisions_train_differently_but_both_learn(digits) -> None:
     _, _, xt, yt = digits
     loader = make_loader(xt, yt, batch_size=200)
-    fp32, bf16 = _trained_cnn(digits, "fp32", epochs=3), _trained_cnn(digits, "bf16", epochs=3)
+    # lr 0.01 for 5 epochs: both reach ~96% on this seed; at lr 0.05 the ordered-dropout run on
+    # 8x8 digits swings by 20 points between epochs in either precision, which hides the comparison.
+    fp32 = _trained_cnn(digits, "fp32", epochs=5, lr=0.01)
+    bf16 = _trained_cnn(digits, "bf16", epochs=5, lr=0.01)
     assert not np.array_equal(model_arrays(fp32)["fc.V"], model_arrays(bf16)["fc.V"])
     fp32_accuracy = evaluate(fp32, loader)["accuracy"]
     bf16_accuracy = evaluate(bf16, loader, precision="bf16")["accuracy"]
-    assert fp32_accuracy > 0.6 and abs(bf16_accuracy - fp32_accuracy) < 0.05  # chance: 0.1
+    assert fp32_accuracy > 0.85 and abs(bf16_accuracy - fp32_accuracy) < 0.05  # chance: 0.1
 
 
 def test_unknown_precision_is_refused_naming_it() -> None:
