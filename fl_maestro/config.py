@@ -15,10 +15,12 @@ from typing import Any
 from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS, RANK_CAPS
+from fl_maestro.precision import PRECISIONS
 from fl_maestro.training import OPTIMIZERS
 from fl_maestro.sampling import SAMPLERS
 
 from fl_maestro.plans import RANK_STRATEGIES, STRATEGIES
+from fl_maestro.world import POLICIES
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ def _init(text: Any) -> bool:
     return text == "random" or (isinstance(text, str) and text.startswith("svd:") and len(text) > 4)
 
 
+def _deadline(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 and not math.isnan(v)
+
+
 _is_bool = lambda v: isinstance(v, bool)  # noqa: E731
 _is_str = lambda v: isinstance(v, str)  # noqa: E731
 
@@ -101,6 +107,9 @@ KEYS: dict[str, Key] = {
     "optimizer": Key("corner", f"one of {OPTIMIZERS} (corner: a step updates only the "
                      "components it trains, momentum included; sgd: torch.optim.SGD)",
                      lambda v: v in OPTIMIZERS),
+    "precision": Key("fp32", f"one of {PRECISIONS} (the dtype of the forward passes in training "
+                     "and evaluation; bf16 through autocast, parameters stay float32)",
+                     lambda v: v in PRECISIONS),
     "sampler": Key("single-layer", f"one of {tuple(sorted(SAMPLERS))} (single-layer: Maestro's "
                    "per-layer draw, a layer's chance proportional to its ranks)",
                    lambda v: v in SAMPLERS),
@@ -123,6 +132,27 @@ KEYS: dict[str, Key] = {
     "eval-every": Key(1, "an integer >= 1", _int(1)),
     "eval-samples": Key(2000, "an integer >= 0 (0: the whole test set)", _int(0)),
     "init": Key("random", "'random' or 'svd:<path to a dense state dict .safetensors>'", _init),
+    # The simulated device world (fl_maestro.world); file contents are checked by load_world.
+    "device-profiles": Key("", "'' (the documented defaults), a .toml file of per-tier tables, "
+                           "or 'tier:key=value,...;...' (tier: a device-mix budget or 'default'; "
+                           "keys: macs-per-second, downlink-bytes-per-second, "
+                           "uplink-bytes-per-second, dropout, crash)", _is_str),
+    "round-deadline": Key(math.inf, "a number of simulated seconds > 0 (inf: no deadline)",
+                          _deadline),
+    "deadline-policy": Key("wait", f"one of {POLICIES} (wait: no deadline, a round lasts as long "
+                           "as its slowest client; drop: a client over the deadline is "
+                           "discarded; partial: it trains only the steps that fit)",
+                           lambda v: v in POLICIES),
+    "availability": Key("", "'' (always online), 'diurnal:<period>:<tier>@<from>-<until>,...' or "
+                        "a CSV file with columns client,tier,from,until (simulated seconds)",
+                        _is_str),
+    "over-selection": Key(0.0, "a number in [0, 10]: sample clients-per-round x (1 + this) and "
+                          "keep the first clients-per-round to finish (0: off)", _number(0, 10)),
+    "min-reply-share": Key(0.5, "a number in [0, 1] (a round with fewer usable replies than this "
+                           "share of the clients it sampled stops the run with an error)",
+                           _number(0, 1)),
+    "tensorboard": Key(False, "true or false (TensorBoard scalars in results/<run>/tensorboard; "
+                       "needs the 'tensorboard' extra)", _is_bool),
 }
 
 
@@ -154,6 +184,7 @@ class RunConfig:
     momentum: float
     weight_decay: float
     optimizer: str
+    precision: str
     sampler: str
     distill: bool
     fjord_kd: bool
@@ -167,6 +198,13 @@ class RunConfig:
     eval_every: int
     eval_samples: int
     init: str
+    device_profiles: str
+    round_deadline: float
+    deadline_policy: str
+    availability: str
+    over_selection: float
+    min_reply_share: float
+    tensorboard: bool
 
     @property
     def fractions(self) -> list[float]:
@@ -204,7 +242,8 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
                 and not isinstance(value, bool):
             value = str(value)  # `eval-fractions=1.0` on the command line arrives as a number
         if not key.check(value):
-            raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed {key.allowed}")
+            raise ValueError(f"run-config key {name!r} has bad value {value!r}: allowed "
+                             f"{key.allowed}{_why(name, value)}")
         values[name.replace("-", "_")] = value
     cfg = RunConfig(**values)
     _check_combination(cfg)
@@ -232,8 +271,26 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _why(name: str, value: Any) -> str:
+    """What exactly is wrong with a bad device mix (its parser says: "shares sum to 0.9")."""
+    if name != "device-mix":
+        return ""
+    try:
+        parse_mix(value)
+    except ValueError as err:
+        return f" ({err})"
+    return ""
+
+
 def _check_combination(cfg: RunConfig) -> None:
     """Refuse settings that each pass alone but make no sense together."""
+    if cfg.deadline_policy == "wait" and math.isfinite(cfg.round_deadline):
+        raise ValueError(f"run-config key 'round-deadline' = {cfg.round_deadline!r} needs "
+                         "'deadline-policy' drop or partial: policy 'wait' has no deadline "
+                         "(leave round-deadline at inf)")
+    if cfg.deadline_policy != "wait" and math.isinf(cfg.round_deadline):
+        raise ValueError(f"run-config key 'deadline-policy' = {cfg.deadline_policy!r} needs a "
+                         "finite 'round-deadline' (simulated seconds > 0)")
     for key, strategies in STRATEGY_KEYS.items():
         value = getattr(cfg, key.replace("-", "_"))
         if cfg.strategy not in strategies and value != KEYS[key].default:

@@ -9,8 +9,9 @@ in the state dict.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,36 @@ from torch import nn
 from fl_maestro.layers import LowRankConv2d, LowRankLayer, LowRankLinear
 
 COST_KINDS = ("macs", "params")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a model's forward pass and the modules whose active ranks it depends on.
+
+    ``scope`` names modules (``"conv2"``, ``"layer1.0"``): the stage's output depends on its input
+    and on the ranks of the ranked layers at or under those names, nothing else. Evaluation at
+    several rank levels computes a stage once for all levels that agree on everything up to it.
+    """
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    scope: tuple[str, ...]
+
+
+def run_stages(stages: tuple[Stage, ...], x: torch.Tensor) -> torch.Tensor:
+    """Run ``x`` through ``stages`` in order."""
+    for stage in stages:
+        x = stage.run(x)
+    return x
+
+
+def pool_relu(x: torch.Tensor) -> torch.Tensor:
+    """``relu(max_pool2d(x, 2))``, which equals ``max_pool2d(relu(x), 2)`` exactly.
+
+    ReLU is monotone, so it commutes with the max; the gradients agree too (both reach the
+    window's first maximum, and only where it is positive). Pooling first runs the ReLU and its
+    backward on a quarter of the elements.
+    """
+    return torch.relu(nn.functional.max_pool2d(x, 2))
 
 
 class RankedModel(nn.Module):
@@ -45,6 +76,10 @@ class RankedModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown low-rank layer {unknown[0]!r}; layers are {sorted(layers)}")
         return [(layers[name], rank) for name, rank in ranks.items()]
+
+    def stages(self) -> tuple[Stage, ...]:
+        """The forward pass as a chain of stages (default: one stage, depending on every layer)."""
+        return (Stage(self.forward, ("",)),)
 
     def set_ranks(self, ranks: Mapping[str, int]) -> None:
         """Set the active rank of the named layers; layers not named keep theirs."""
@@ -179,11 +214,16 @@ class MLP(RankedModel):
         self.hidden = nn.ModuleList(LowRankLinear(a, b) for a, b in zip(widths, widths[1:]))
         self.classifier = nn.Linear(widths[-1], num_classes)
 
+    def stages(self) -> tuple[Stage, ...]:
+        """Each hidden layer (the first one flattening the input), then the classifier."""
+        def hidden(i: int) -> Stage:
+            layer = self.hidden[i]
+            return Stage(lambda x: torch.relu(layer(x.flatten(1))), (f"hidden.{i}",))
+        return (*(hidden(i) for i in range(len(self.hidden))),
+                Stage(self.classifier, ("classifier",)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for layer in self.hidden:
-            x = torch.relu(layer(x))
-        return self.classifier(x)
+        return run_stages(self.stages(), x)
 
 
 class CNN(RankedModel):
@@ -199,10 +239,15 @@ class CNN(RankedModel):
         self.fc = LowRankLinear(channels[1] * (h // 4) * (w // 4), hidden)
         self.classifier = nn.Linear(hidden, num_classes)
 
+    def stages(self) -> tuple[Stage, ...]:
+        """conv1 block, conv2 block, then fc and the classifier."""
+        return (Stage(lambda x: pool_relu(self.conv1(x)), ("conv1",)),
+                Stage(lambda x: pool_relu(self.conv2(x)), ("conv2",)),
+                Stage(lambda x: self.classifier(torch.relu(self.fc(x.flatten(1)))),
+                      ("fc", "classifier")))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.classifier(torch.relu(self.fc(x.flatten(1))))
+        return run_stages(self.stages(), x)
 
 
 def lenet_flat_features(input_shape: tuple[int, ...]) -> int:
@@ -277,10 +322,21 @@ class ResNet18(RankedModel):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = nn.Linear(512, num_classes)
 
+    def stages(self) -> tuple[Stage, ...]:
+        return resnet_stages(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return run_stages(self.stages(), x)
+
+
+def resnet_stages(model: nn.Module) -> tuple[Stage, ...]:
+    """A ResNet-18's stem, each of its eight blocks, and its pooled classifier, as stages."""
+    blocks = [Stage(block, (f"layer{i}.{j}",))
+              for i, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4), 1)
+              for j, block in enumerate(layer)]
+    return (Stage(lambda x: torch.relu(model.norm1(model.conv1(x))), ("conv1", "norm1")), *blocks,
+            Stage(lambda x: model.classifier(
+                torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)), ("classifier",)))
 
 
 MODELS = {"mlp": MLP, "cnn": CNN, "lenet": LeNet, "resnet18": ResNet18}

@@ -6,13 +6,16 @@ Layout of ``results/<run>/``:
     clients.csv             one row per client reply: round, partition-id, budget, examples, loss,
                             seconds, MACs, bytes up and down
     rounds.csv              one row per round: training aggregates, dropped replies, wall time
-    timeline.csv            round, phase, start (Unix time), seconds: where the run's time went
-                            (round 0: set-up, discovery, first evaluation; again on each resume)
+    timeline.csv            round, phase, start (Unix time), seconds, cpu-seconds: where the run's
+                            time went (round 0: set-up, discovery, first evaluation; again on each
+                            resume); training:plan|configure|clients|merge are parts of training
     components.csv          round, layer, component: client-steps, clients, movement from init,
                             norm and importance (fl_maestro.components)
     initial.safetensors     the global arrays at round 0 (what movement is measured from)
     checkpoint-<round>.safetensors  global arrays after the last finished round (no pickle)
-    checkpoint.json         round, strategy state and the arrays file of that checkpoint
+    checkpoint.json         round, strategy state, the nodes' partitions and budgets, and the
+                            arrays file of that checkpoint
+    lock, lock.json         held by the one process writing the folder; lock.json names it
 
 The checkpoint is written atomically: arrays to a file named by round, then the state that names
 them by temp file + rename, then older arrays files are removed. On resume, table rows after the checkpoint's round are dropped, so a run killed at any
@@ -23,12 +26,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 from safetensors.numpy import load_file, save_file
 
 TABLES = ("evaluation", "clients", "rounds", "timeline", "components")
@@ -130,10 +137,89 @@ class RunStore:
         """The round of the last checkpoint, None if there is none."""
         if not self.has_checkpoint():
             return None
-        return int(json.loads((self.root / "checkpoint.json").read_text())["round"])
+        return int(self._checkpoint_state()["round"])
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """checkpoint.json, or a ValueError naming the file and what is wrong with it."""
+        path = self.root / "checkpoint.json"
+        try:
+            state = json.loads(path.read_text())
+            if not (isinstance(state, dict) and isinstance(state.get("arrays"), str)
+                    and isinstance(state.get("round"), int)):
+                raise ValueError("it lacks an integer 'round' or the 'arrays' file name")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"checkpoint {path} is corrupt ({err}): delete the run folder "
+                             "(or that file) and start the run again") from None
+        return state
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
-        """The last checkpoint: (round, global arrays, state)."""
-        state = json.loads((self.root / "checkpoint.json").read_text())
-        arrays = load_file(str(self.root / state.pop("arrays")))
-        return int(state.pop("round")), arrays, state
+        """The last checkpoint: (round, global arrays, state); refuses corrupt or non-finite ones."""
+        state = self._checkpoint_state()
+        path = self.root / state.pop("arrays")
+        try:
+            arrays = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise ValueError(f"checkpoint arrays {path} cannot be read ({type(err).__name__}: "
+                             f"{err}): delete the run folder and start the run again") from None
+        return int(state.pop("round")), check_finite(arrays, f"checkpoint {path}"), state
+
+    def lock(self) -> "RunLock":
+        """An exclusive lock on this folder (``with store.lock(): ...``); see ``RunLock``."""
+        return RunLock(self.root)
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """``arrays`` if every value is finite; ValueError naming ``what`` and the arrays otherwise."""
+    bad = sorted(n for n, a in arrays.items()
+                 if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all())
+    if bad:
+        raise ValueError(f"{what} holds non-finite values (NaN or Inf) in {bad}: refused")
+    return dict(arrays)
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing this run folder."""
+
+
+class RunLock:
+    """One writer per run folder: an OS file lock (released when its process dies, even by
+    SIGKILL) plus ``lock.json`` naming the holder, so a refused writer can say who holds it."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._lock = FileLock(self.root / "lock", timeout=0)
+
+    def holder(self) -> str:
+        """Who holds the lock, as ``lock.json`` says (or that it does not say)."""
+        try:
+            info = json.loads((self.root / "lock.json").read_text())
+            return (f"pid {info['pid']} on {info['host']} since {info['since']} "
+                    f"({info['command']})")
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unknown process"
+
+    def __enter__(self) -> "RunLock":
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise RunLocked(f"{self.root} is being written by another run: held by "
+                            f"{self.holder()}; wait for it or stop it") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(sys.argv)[:200]}
+        _atomic_write(self.root / "lock.json", lambda p: p.write_text(json.dumps(info)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (self.root / "lock.json").unlink(missing_ok=True)
+        self._lock.release()
+
+    def is_free(self) -> bool:
+        """Whether nobody holds the lock right now (checked by taking and releasing it)."""
+        try:
+            self._lock.acquire()
+        except Timeout:
+            return False
+        self._lock.release()
+        return True

@@ -25,7 +25,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fl_maestro.layers import check_rank, leading
-from fl_maestro.models import CNN, COST_KINDS, MLP, LeNet, RankedModel, at_ranks, lenet_flat_features
+from fl_maestro.models import (CNN, COST_KINDS, MLP, LeNet, RankedModel, ResNet18, at_ranks,
+                               lenet_flat_features)
 
 Shape = tuple[int, ...]
 
@@ -283,7 +284,7 @@ class WidthMLP(WidthModel):
         self.hidden = nn.ModuleList(WidthLinear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.classifier = WidthLinear(sizes[-1], num_classes, sliceable_out=False)
 
-    forward = MLP.forward  # the same network as models.MLP, layer for layer
+    stages, forward = MLP.stages, MLP.forward  # the same network as models.MLP, layer for layer
 
 
 class WidthCNN(WidthModel):
@@ -305,7 +306,7 @@ class WidthCNN(WidthModel):
         self.fc = WidthLinear(held["conv2"] * (h // 4) * (w // 4), held["fc"])
         self.classifier = WidthLinear(held["fc"], num_classes, sliceable_out=False)
 
-    forward = CNN.forward  # the same network as models.CNN, layer for layer
+    stages, forward = CNN.stages, CNN.forward  # the same network as models.CNN, layer for layer
 
 
 class WidthLeNet(WidthModel):
@@ -402,10 +403,7 @@ class WidthResNet18(WidthModel):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = WidthLinear(in_width, num_classes, sliceable_out=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    stages, forward = ResNet18.stages, ResNet18.forward  # the same network as models.ResNet18
 
 
 WIDTH_MODELS = {"mlp": WidthMLP, "cnn": WidthCNN, "lenet": WidthLeNet, "resnet18": WidthResNet18}

@@ -165,7 +165,7 @@ def plot_accuracy_over_time(wide: pd.DataFrame, legend: str, colors: dict) -> pl
         axes[0].plot([], [], "k" + style, label=f"rank fraction {level:g}")
     axes[0].set(xlabel="round", ylabel="test accuracy of the global model")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].set(xlabel=f"simulated device time ({unit}, slowest client per round)")
+    axes[1].set(xlabel=f"simulated device time ({unit}, the run's own clock)")
     _finish(fig, axes, "Accuracy of the global model over training, by round and by simulated "
             "device time", legend, wide)
     return fig

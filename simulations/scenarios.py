@@ -113,6 +113,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "converges, how high, in how many rounds (run with --until-converged)",
              overrides={"num-rounds": 40, "eval-every": 5},
              axes=(axis("lr-decay", (1.0, 0.98, 0.95)), axis("local-epochs", (1, 2)))),
+    Scenario("deadlines", "round deadlines x policy on the default setup: who a deadline drops, "
+             "what partial work buys, and the simulated time it saves (10 rounds, one seed)",
+             overrides={"num-rounds": 10, "eval-every": 5},
+             axes=(grouped_axis("deadline", {
+                 "wait": {"deadline-policy": "wait"},
+                 "drop-2.5s": {"deadline-policy": "drop", "round-deadline": 2.5},
+                 "partial-2.5s": {"deadline-policy": "partial", "round-deadline": 2.5},
+                 "drop-4s": {"deadline-policy": "drop", "round-deadline": 4.0},
+                 "partial-4s": {"deadline-policy": "partial", "round-deadline": 4.0}}),)),
     Scenario("smoke", "a two-cell end-to-end check: digits, 4 clients, 2 rounds (about 2 min)",
              overrides={"dataset": "digits", "num-rounds": 2, "clients-per-round": 3,
                         "eval-samples": 0}, supernodes=4,

@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from fl_maestro.config import RunConfig, parse_run_config
+from fl_maestro.world import load_world
 from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
 from simulations.scenarios import SUPERNODES, Axis, Level, Scenario, get_scenario, label
@@ -149,6 +150,7 @@ def _make_cell(scenario: Scenario, axes: Mapping[str, str], values: Mapping[str,
     run_config = {**values, "seed": seed, "results-dir": str(out_dir.resolve()), "run-name": cid}
     try:
         cfg = parse_run_config(run_config)
+        load_world(cfg)  # reads the device profile and availability files
     except ValueError as exc:
         raise ValueError(f"scenario {scenario.name!r}, cell {cid}: {exc}") from None
     _check_supernodes(supernodes, cfg, cid)

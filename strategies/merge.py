@@ -110,14 +110,27 @@ def check_reply(
     num_examples: object,
     *,
     cut_shared: bool = False,
+    exact: bool = False,
+    max_examples: float | None = None,
 ) -> None:
-    """Return None for a reply fit to merge; raise InvalidReply with the reason otherwise."""
+    """Return None for a reply fit to merge; raise InvalidReply with the reason otherwise.
+
+    ``exact``: every array must have exactly the shape of ``global_arrays`` (what the server sent
+    this client), not just a leading corner of it. ``max_examples``: the most examples the client
+    can have trained on (its partition's size).
+    """
     _check_examples(num_examples)
+    if max_examples is not None and num_examples > max_examples:
+        raise InvalidReply(f"num_examples {num_examples!r} exceeds the {max_examples} training "
+                           "examples of this client's partition")
     if not isinstance(arrays, Mapping):
         raise InvalidReply(f"reply arrays must be a mapping, got {type(arrays).__name__}")
     _check_names(global_arrays, arrays)
     for name, g in global_arrays.items():
         _check_array(name, g, arrays[name], cut_shared)
+        if exact and arrays[name].shape != g.shape:
+            raise InvalidReply(f"{name!r}: shape {arrays[name].shape}, but the server sent "
+                               f"{g.shape}: a reply must have exactly the shapes it was sent")
     _check_factor_ranks(global_arrays, arrays)
 
 

@@ -162,3 +162,6 @@ def test_lr_decays_exponentially_by_round() -> None:
     assert parse_run_config({}).lr_at(50) == parse_run_config({}).lr  # default: no decay
     with pytest.raises(ValueError, match="'lr-decay' has bad value 0"):
         parse_run_config({"lr-decay": 0})
+def test_device_mix_message_says_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match=r"'device-mix'.*shares sum to 0\.9, must sum to 1"):
+        parse_run_config({"device-mix": "0.2:0.5,1.0:0.4"})

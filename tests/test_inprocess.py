@@ -98,10 +98,19 @@ def test_timeline_records_every_phase_of_every_round(tmp_path):
     run_federation(InProcessGrid(4, overrides), parse_run_config(overrides))
     timeline = RunStore(tmp_path / "run").read("timeline")
     assert list(timeline.loc[timeline["round"] == 0, "phase"]) == ["set-up", "discovery", "evaluation"]
+    parts = ["training:plan", "training:configure", "training:clients", "training:merge"]
     for rnd in (1, 2):
-        assert list(timeline.loc[timeline["round"] == rnd, "phase"]) == ["training", "evaluation", "results"]
-    assert (timeline["seconds"] >= 0).all()
-    assert timeline["start"].is_monotonic_increasing
+        phases = list(timeline.loc[timeline["round"] == rnd, "phase"])
+        assert phases == [*parts, "training", "evaluation", "results"]
+        rows = timeline[timeline["round"] == rnd].set_index("phase")
+        assert rows.loc[parts, "seconds"].sum() <= rows.loc["training", "seconds"]
+    assert (timeline["seconds"] >= 0).all() and (timeline["cpu-seconds"] >= 0).all()
+    clients = RunStore(tmp_path / "run").read("clients")
+    for part in ("decode", "build", "data", "validate", "train", "encode"):
+        assert (clients[f"{part}-seconds"] > 0).all(), part
+    part = timeline["phase"].str.contains(":")
+    assert timeline.loc[~part, "start"].is_monotonic_increasing  # a phase's row follows its parts'
+    assert timeline.loc[part, "start"].is_monotonic_increasing
 
 
 def test_discovery_leaves_out_a_silent_node_and_still_asks_the_next_chunk(caplog) -> None:

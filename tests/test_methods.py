@@ -90,7 +90,9 @@ def _run(tmp_path, nodes: int = 4, **extra) -> RunStore:
 @pytest.mark.parametrize("strategy", ["fedavg-full", "fedavg-smallest", "fedavg-exclusive",
                                       "fjord", "heterofl"])
 def test_each_baseline_runs_end_to_end(tmp_path, strategy):
-    store = _run(tmp_path, strategy=strategy)
+    # fedavg-exclusive: only the 2 budget-1.0 nodes of 4 take part (more per round is refused).
+    per_round = {"clients-per-round": 2} if strategy == "fedavg-exclusive" else {}
+    store = _run(tmp_path, strategy=strategy, **per_round)
     clients = store.read("clients")
     assert len(store.read("rounds")) == 2 and len(clients) > 0
     if strategy == "fedavg-exclusive":
@@ -142,9 +144,10 @@ def test_svd_init_starts_from_the_dense_model(tmp_path):
     initial = store.read("evaluation").query("round == 0 and kind == 'fraction' and level == 1.0")
     reference = _cnn(7)
     from fl_maestro.data import load_dataset, make_loader
+    from fl_maestro.federation import evaluation_subset
     from fl_maestro.training import evaluate
     _, _, x, y = load_dataset("digits")
-    order = np.random.default_rng(0).permutation(len(y))[:60]
+    order = evaluation_subset(0, len(y), 60)  # the run's evaluation stream of seed 0
     expected = evaluate(reference, make_loader(x, y, np.sort(order), batch_size=500))
     got = initial.set_index("metric")["value"]
     assert got["accuracy"] == pytest.approx(expected["accuracy"])
@@ -215,7 +218,9 @@ def _captured_training(tmp_path, monkeypatch, **extra) -> list[dict]:
                                       "heterofl"])
 def test_plain_sgd_strategies_train_without_dropout_or_distillation(tmp_path, monkeypatch,
                                                                    strategy):
-    calls = _captured_training(tmp_path, monkeypatch, strategy=strategy)
+    # fedavg-exclusive: only the 2 budget-1.0 nodes of 4 take part (more per round is refused).
+    per_round = {"clients-per-round": 2} if strategy == "fedavg-exclusive" else {}
+    calls = _captured_training(tmp_path, monkeypatch, strategy=strategy, **per_round)
     assert calls and all(c["sampler"] == "none" and c["distill"] is False and c["hgl"] == 0
                          for c in calls)
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from fl_maestro.results import RunStore
-from simulations.report import build_report, find_runs, group_runs, load_run, main
+from simulations.report import build_report, find_runs, group_runs, load_run, main, time_at_rounds
 
 METRICS = ("accuracy", "loss", "macs", "params", "relative-macs", "dense-relative-macs",
            "eval-examples")
@@ -20,6 +20,7 @@ FINAL_TIER_ACCURACY = {("mix-a", 0): {0.5: 0.75, 1.0: 0.8125},
                        ("mix-a", 1): {0.5: 0.7, 1.0: 0.8375},  # mean over seeds: 0.725, 0.825
                        ("mix-b", 0): {1.0: 0.9125}}
 MIXES = {"mix-a": "0.5:0.5,1.0:0.5", "mix-b": "1.0:1.0"}
+PROFILES = "default:macs-per-second=1e9,uplink-bytes-per-second=1e5"
 
 
 def _evaluation(tiers: dict[float, float], rounds: int = 2) -> list[dict]:
@@ -41,16 +42,23 @@ def _write_run(root: Path, mix: str, seed: int, tiers: dict[float, float]) -> Pa
     name = f"device-mix={mix}__seed={seed}"
     store = RunStore(root / name)
     store.write_config({"run-name": name, "results-dir": str(root), "seed": seed,
-                        "device-mix": MIXES[mix], "dataset": "digits", "num-rounds": 2})
+                        "device-mix": MIXES[mix], "dataset": "digits", "num-rounds": 2,
+                        "device-profiles": PROFILES, "deadline-policy": "drop",
+                        "round-deadline": 2.5})
     store.append("evaluation", _evaluation(tiers))
     budgets = sorted(tiers)
+    # partition 2 is a straggler of round 2 that did 1 of its 2 steps by the deadline
     store.append("clients", [{"round": r, "partition-id": i, "budget": budgets[i % len(budgets)],
+                              "outcome": "straggler" if (r, i) == (2, 2) else "ok",
                               "num-examples": 50, "train-loss": 1.0, "train-accuracy": 0.5,
                               "train-seconds": 0.1, "train-macs": 1e9 * budgets[i % len(budgets)],
-                              "steps": 2, "bytes-down": 1e5 * budgets[i % len(budgets)],
+                              "steps": 1 if (r, i) == (2, 2) else 2, "planned-steps": 2,
+                              "bytes-down": 1e5 * budgets[i % len(budgets)],
                               "bytes-up": 1e5 * budgets[i % len(budgets)]}
                              for r in (1, 2) for i in range(3)])
-    store.append("rounds", [{"round": r, "clients": 3, "dropped": 0} for r in (1, 2)])
+    store.append("rounds", [{"round": r, "clients": 3, "dropped": r - 1,
+                             "dropped-straggler": r - 1, "sim-seconds": 2.5, "sim-time": 2.5 * r}
+                            for r in (1, 2)])
     store.append("components", [
         {"round": r, "layer": "fc", "component": j, "client-steps": (4 - j) * r,
          "clients": 3 - (j > 1) if r else 0, "moved": 0.1 * r * (4 - j), "norm": 1.0,
@@ -171,14 +179,24 @@ def _table(page: str, caption: str) -> pd.DataFrame:
                            if c not in ("group", "run") and v.notna().any()})
 
 
-def test_simulated_time_and_cli(sweep: Path, tmp_path: Path) -> None:
-    devices = tmp_path / "devices.toml"
-    # every client: 1e9*b MACs at 1e9 MAC/s + 2 x 1e5*b bytes at 1e5 B/s = 3b s; slowest b = 1.0
-    devices.write_text("[default]\nmacs-per-second = 1e9\ndownlink-bytes-per-second = 1e5\n"
-                       "uplink-bytes-per-second = 1e5\n")
-    assert main([str(sweep), "--out", str(tmp_path / "cli"), "--devices", str(devices)]) == 0
-    runs = _table((tmp_path / "cli" / "report.html").read_text(), "Runs")
-    assert runs["simulated seconds"].tolist() == pytest.approx([6, 6, 6])  # 2 rounds x 3 s
-    profiles = _table((tmp_path / "cli" / "report.html").read_text(), "Device profiles")
+def test_simulated_time_outcomes_profiles_and_cli(sweep: Path, tmp_path: Path) -> None:
+    assert main([str(sweep), "--out", str(tmp_path / "cli")]) == 0
+    page = (tmp_path / "cli" / "report.html").read_text()
+    runs = _table(page, "Runs")
+    assert runs["simulated seconds"].tolist() == pytest.approx([5, 5, 5])  # the runs' own clock
+    assert runs["dropped-straggler"].tolist() == [1, 1, 1]
+    outcomes = _table(page, "What became of the sampled clients").set_index(["group", "budget"])
+    # mix-a: partition 2 is tier 0.5 (of 0.5, 1.0): 4 rows of tier 0.5 over 2 seeds, 2 stragglers
+    row = outcomes.loc[("0.5:0.5,1.0:0.5", 0.5)]
+    assert (row["sampled"], row["straggler"], row["ok"]) == (8, 0.25, 0.75)
+    assert row["steps done / planned"] == pytest.approx(14 / 16)
+    profiles = _table(page, "Device profiles")
     assert profiles["GMAC/s"].tolist() == [1, 1]
     assert profiles["uplink Mbit/s"].tolist() == [0.8, 0.8]
+    assert "drop at 2.5 s" in page
+
+
+def test_time_at_rounds_reads_the_runs_clock() -> None:
+    rounds = pd.DataFrame({"round": [1, 2, 3], "sim-time": [2.0, 5.0, 9.0]})
+    assert time_at_rounds(rounds, [0, 1, 3, 4]).tolist() == [0, 2, 9, 9]
+    assert np.isnan(time_at_rounds(pd.DataFrame({"round": [1]}), [1])).all()  # an older run
