@@ -5,6 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Which torch to install first, and from where: the defaults pick torch 2.13.0 from pip's default
+# index (on this machine a CPU wheel on disk). On a GPU-less Linux box elsewhere that index serves
+# the multi-GB CUDA build; choose PyTorch's CPU index instead:
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# or another build: make venv TORCH_SPEC="torch==2.13.0+cu126" TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
@@ -16,7 +23,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
@@ -33,8 +40,13 @@ data:
 # The main job: the default experiment (Fashion-MNIST, CNN, 100 clients, 10 per round, five budget
 # tiers, Dirichlet alpha 0.5) through `flwr run . --stream` on a private SuperLink.
 # Each `make run` writes a new results/default-<time>/; extra overrides: make run RUN_CONFIG="num-rounds=5".
+# An interrupted run continues with its folder's name: make run RUN_NAME=default-<time> RUN_CONFIG=resume=true
+ifndef RUN_NAME
+RUN_NAME := default-$(shell date +%Y%m%d-%H%M%S)
+endif
 run: venv data
-	$(PY) -m simulations.launch --supernodes 100 -c run-name=default-$$(date +%Y%m%d-%H%M%S) \
+	@echo "run $(RUN_NAME); if interrupted, continue it: make run RUN_NAME=$(RUN_NAME) RUN_CONFIG=resume=true"
+	$(PY) -m simulations.launch --supernodes 100 -c run-name=$(RUN_NAME) \
 	  $(foreach kv,$(RUN_CONFIG),-c $(kv))
 
 test: venv data
@@ -43,6 +55,7 @@ test: venv data
 # Speed targets live here, not in the tests; outputs are saved under results/bench/.
 bench: venv data
 	$(PY) -m simulations.bench_layers --out results/bench
+	$(PY) -m simulations.bench_throughput --out results/bench
 	$(PY) -m simulations.bench_federation --out results/bench
 
 clean:

@@ -1,8 +1,8 @@
 """Budgets: a device's affordable fraction of the model's cost, turned into per-layer ranks.
 
-A budget ``b`` in (0, 1] is the fraction of the global model's full-rank cost (MACs per sample by
-default, or parameters) that a device can afford. ``ranks_for_budget`` picks per-layer ranks whose
-cost stays within ``b`` times that cost. Device mixes such as ``"0.2:0.5,1.0:0.5"`` (budget:share)
+A budget ``b`` in (0, 1] is the fraction of the *dense* (undecomposed) model's cost (MACs per sample
+by default, or parameters) that a device can afford: budget 1.0 is a device that runs the model the
+user knows. ``ranks_for_budget`` picks per-layer ranks whose cost stays within ``b`` times that cost. Device mixes such as ``"0.2:0.5,1.0:0.5"`` (budget:share)
 assign budgets to clients.
 """
 
@@ -29,26 +29,25 @@ def check_budget(budget: float) -> float:
 
 def ranks_for_budget(model: RankedModel, budget: float, method: str = "uniform",
                      cost: str = "macs", reference_cost: float | None = None) -> dict[str, int]:
-    """Per-layer ranks whose cost is at most ``budget`` times the model's full-rank cost.
+    """Per-layer ranks whose cost is at most ``budget`` times the model's dense cost.
 
     ``uniform`` takes the largest common rank fraction that fits; ``importance`` adds components
     greedily by importance per unit of cost (Maestro's deployment-time allocation).
-    ``reference_cost`` measures the budget against another cost than the model's own, e.g. the
-    original global model's after progressive shrinking made it smaller: a device's compute does
-    not shrink with the model. Raises ValueError when even rank 1 everywhere does not fit.
+    ``reference_cost`` measures the budget against another cost than the model's own dense cost
+    (``model.dense_cost``). Raises ValueError when even rank 1 everywhere does not fit.
     """
     budget = check_budget(budget)
     if method not in ALLOCATIONS:
         raise ValueError(f"rank allocation {method!r} is not allowed: use one of {ALLOCATIONS}")
     if cost not in COST_KINDS:
         raise ValueError(f"cost kind {cost!r} is not allowed: use one of {COST_KINDS}")
-    reference = model.cost(kind=cost) if reference_cost is None else reference_cost
+    reference = model.dense_cost(cost) if reference_cost is None else reference_cost
     limit = budget * reference
     floor = {name: 1 for name in model.max_ranks()}
     if model.cost(floor, cost) > limit * (1 + 1e-12):
         smallest = model.cost(floor, cost) / reference
         raise ValueError(f"budget {budget} is below the smallest runnable model "
-                         f"({smallest:.4f} of the full cost at rank 1 everywhere)")
+                         f"({smallest:.4f} of the dense model's cost at rank 1 everywhere)")
     if model.cost(kind=cost) <= limit:
         return model.max_ranks()
     if method == "uniform":

@@ -1,29 +1,42 @@
 """Flower ClientApp: trains the received rank prefix on the node's own data partition.
 
 The model is built holding exactly the ranks it received, trained with ordered dropout inside them
-(``training.train``), and the trained prefix goes back with the round's metrics.
+(``training.train``), and the trained prefix goes back with the round's metrics. The server may
+cap the local steps (``steps``: a straggler's work that fits the deadline) or, to inject a crash
+its device profile drew, ask the ClientApp to raise (``crash``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_maestro import streams
+from fl_maestro.components import coverage_metrics
 from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
 from fl_maestro.models import model_arrays
-from fl_maestro.plans import local_sampler, model_for
+from fl_maestro.plans import HGL_BEYOND, TIER_GRID, local_training, model_for
 from fl_maestro.runtime import keep_freed_memory
-from fl_maestro.training import evaluate, train
+from fl_maestro.sampling import tier_grid
+from fl_maestro.width import build_width_model, set_scaler
+from fl_maestro.training import evaluate, step_rng, train
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+
+class InjectedCrash(RuntimeError):
+    """The failure a device profile's ``crash`` probability injects into a ClientApp."""
 
 
 def node_identity(context: Context) -> tuple[int, int]:
@@ -38,52 +51,114 @@ def node_identity(context: Context) -> tuple[int, int]:
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition and, in a deployment, its configured budget."""
+    """Tell the server this node's partition, its number of training examples (the most a reply
+    may claim) and, in a deployment, its configured budget."""
     partition_id, num_partitions = node_identity(context)
-    info = {"partition-id": partition_id, "num-partitions": num_partitions}
+    # The training-set size lets the server know a round's local steps before anyone trains.
+    train_idx, _ = partition_split(parse_run_config(context.run_config), partition_id,
+                                   num_partitions)
+    info = {"partition-id": partition_id, "num-partitions": num_partitions,
+            "train-examples": len(train_idx)}
     if "budget" in context.node_config:
         info["budget"] = float(context.node_config["budget"])
     return Message(content=RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
 
 
-def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int):
-    """This node's shuffled training loader for this round and its validation loader."""
+def partition_split(cfg: RunConfig, partition_id: int, num_partitions: int):
+    """This node's (train, validation) indices into the dataset's training set."""
+    return client_partition(cfg.dataset, partition_id, num_partitions, cfg.partitioner, cfg.alpha,
+                            cfg.classes_per_client, streams.seed_int(cfg.seed, "partition"),
+                            cfg.val_fraction)
+
+
+def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int,
+                  device: str = "cpu"):
+    """This node's shuffled training batches for this round and its validation batches, on ``device``."""
     x_train, y_train, _, _ = load_dataset(cfg.dataset)
-    train_idx, val_idx = client_partition(cfg.dataset, partition_id, num_partitions,
-                                          cfg.partitioner, cfg.alpha, cfg.classes_per_client,
-                                          cfg.seed, cfg.val_fraction)
-    seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
-    return (make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed),
-            make_loader(x_train, y_train, val_idx, batch_size=256))
+    train_idx, val_idx = partition_split(cfg, partition_id, num_partitions)
+    seed = streams.seed_int(cfg.seed, "shuffle", server_round, partition_id)
+    return (make_loader(x_train, y_train, train_idx, cfg.batch_size, shuffle=True, seed=seed,
+                        device=device),
+            make_loader(x_train, y_train, val_idx, batch_size=256, device=device))
+
+
+def training_options(cfg: RunConfig, sent: ConfigRecord, model, loader) -> dict:
+    """``train``'s arguments as the strategy's paper has them: the sampler (FjORD's tier grid as
+    the server sent it), the loss, HGL's constants, HeteroFL's label mask and scaler."""
+    recipe = local_training(cfg)
+    sampler = recipe.sampler
+    if sampler == TIER_GRID:  # FjORD: the server sends the ranks of every tier <= this one
+        sampler = tier_grid(json.loads(str(sent[TIER_GRID])))
+    options = {"sampler": sampler, "distill": recipe.distill, "hgl_lambda": recipe.hgl_lambda}
+    if recipe.hgl_lambda > 0:
+        options["hgl_beyond"] = json.loads(str(sent[HGL_BEYOND]))
+    if recipe.masked_loss:  # the classes in this client's own training data
+        options["classes"] = torch.unique(loader.y).tolist()
+    if recipe.scaler:
+        full = build_width_model(cfg.model, DATASET_SHAPES[cfg.dataset],
+                                 NUM_CLASSES[cfg.dataset], device="meta")
+        set_scaler(model, full.max_ranks())
+    return options
 
 
 @app.train()
 def train_prefix(msg: Message, context: Context) -> Message:
-    """Train the received prefix with ordered dropout and return it with metrics."""
+    """Train the received prefix with ordered dropout and return it with metrics.
+
+    Besides ``train-seconds``, the reply says how long the client's own framework work took:
+    ``decode-seconds`` (arrays out of the message), ``build-seconds`` (the model),
+    ``data-seconds`` (its partition's batches), ``validate-seconds`` (the local evaluation) and
+    ``encode-seconds`` (the trained arrays into the reply).
+    """
     keep_freed_memory()
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = node_identity(context)
-    server_round = int(msg.content["config"]["server-round"])
-    arrays = to_numpy(msg.content["arrays"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    if config.get("crash", False):
+        raise InjectedCrash(f"partition {partition_id}, round {server_round}: a crash injected by "
+                            "its tier's device profile")
+    took: dict[str, float] = {}
+    with _timed(took, "decode"):
+        arrays = to_numpy(msg.content["arrays"])
     # Ray hides GPUs from actors given client-resources-num-gpus = 0, so this is the CPU there.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
-                      NUM_CLASSES[cfg.dataset], arrays, device=device)
-    loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round)
+    with _timed(took, "build"):
+        model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
+                          NUM_CLASSES[cfg.dataset], arrays, device=device)
+    with _timed(took, "data"):
+        loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round, device)
     # The received model on this device's own held-out data, at the ranks it runs: what a
     # device of this tier would see locally, before it trains.
-    local = evaluate(model, val_loader)
-    sampler = local_sampler(cfg.strategy, cfg.sampler)
-    result = train(model, loader, model.max_ranks(), sampler, cfg.local_epochs, cfg.lr,
-                   cfg.momentum, cfg.weight_decay, cfg.distill, cfg.hgl_lambda,
-                   rng=np.random.default_rng([cfg.seed, server_round, partition_id, 1]),
-                   optimizer=cfg.optimizer)
+    with _timed(took, "validate"):
+        local = evaluate(model, val_loader, precision=cfg.precision)
+    options = training_options(cfg, config, model, loader)
+    result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
+                   cfg.lr_at(server_round), cfg.momentum, cfg.weight_decay,
+                   options.pop("distill"), options.pop("hgl_lambda"),
+                   rng=step_rng(cfg.seed, server_round, partition_id),
+                   optimizer=cfg.optimizer, precision=cfg.precision,
+                   max_steps=int(config["steps"]) if "steps" in config else None, **options)
+    with _timed(took, "encode"):
+        reply = to_record(model_arrays(model))
     metrics = MetricRecord({
-        "num-examples": len(loader.dataset), "train-loss": result["loss"],
+        "num-examples": loader.num_examples, "train-loss": result["loss"],
         "train-accuracy": result["accuracy"], "train-seconds": result["seconds"],
         "train-macs": result["macs"], "steps": result["steps"],
         "val-accuracy": local["accuracy"], "val-loss": local["loss"],
-        "val-examples": local["examples"],
+        "val-examples": local["examples"], **{f"{k}-seconds": v for k, v in took.items()},
+        **coverage_metrics(result["coverage"]),
     })
-    content = RecordDict({"arrays": to_record(model_arrays(model)), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    if "classes" in options:  # HeteroFL merges the output rows of these classes only
+        metrics["classes"] = [int(c) for c in options["classes"]]
+    return Message(content=RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+
+
+@contextmanager
+def _timed(took: dict[str, float], part: str) -> Iterator[None]:
+    """Add the block's wall-clock seconds to ``took[part]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        took[part] = took.get(part, 0.0) + time.perf_counter() - start

@@ -9,10 +9,11 @@ rank fractions and at every tier's ranks, appends the rows to ``results/<run>/``
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -21,22 +22,43 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from safetensors.numpy import load_file
 
+from fl_maestro import streams
 from fl_maestro.budgets import assign_budgets, parse_mix
-from fl_maestro.config import RunConfig
+from fl_maestro.components import component_rows, coverage_from_metrics
+from fl_maestro.config import RunConfig, defaults
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
+from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
-from fl_maestro.plans import build_for, is_width, model_for, plan_ranks, takes_part
-from fl_maestro.results import RunStore
-from fl_maestro.shrinking import importance_from_arrays, shrink_ranks
-from fl_maestro.training import evaluate
+from fl_maestro.plans import (HGL_BEYOND, TIER_GRID, build_for, is_width, local_training, model_for,
+                              plan_ranks, takes_part, tier_grid_ranks)
+from fl_maestro.results import RunLock, RunStore, check_finite
+from fl_maestro.rounds import client_work, fate_rows, orders, round_totals
+from fl_maestro.scalars import Scalars
+from fl_maestro.shrinking import importance_from_arrays, shrink_ranks, tail_constants
+from fl_maestro.timeline import Timeline
+from fl_maestro.world import MERGED, load_world, round_rng
 from strategies.merge import factor_layer, prefix_arrays
-from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
+from strategies.rankwise import USABLE, ClientSpec, RankWiseFedAvg, WidthFedAvg
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
+# The output layer's arrays (rows = classes) of every model: HeteroFL merges a client's rows only.
+OUTPUT_ROWS = ("classifier.weight", "classifier.bias")
+
+class RoundFailed(RuntimeError):
+    """A round lost too many replies for its result to mean anything."""
+
+
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every", "results-dir"})
+RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "eval-every", "results-dir",
+                               "min-reply-share", "tensorboard"})
+
+
+def resume_changes(saved: Mapping, now: Mapping) -> dict:
+    """Keys (saved value, new value) a resumed run may not change but does."""
+    return {k: (saved.get(k), v) for k, v in now.items()
+            if k not in RESUMABLE_CHANGES and saved.get(k) != v}
 
 
 class Discovery:
@@ -86,29 +108,34 @@ def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, floa
     counts = {int(info["num-partitions"]) for info in nodes.values()}
     if len(counts) != 1:
         raise ValueError(f"nodes disagree on num-partitions: {sorted(counts)}")
-    mix_budgets = assign_budgets(cfg.device_mix, counts.pop(), np.random.default_rng(cfg.seed))
+    mix_budgets = assign_budgets(cfg.device_mix, counts.pop(), streams.rng(cfg.seed, "budgets"))
     return {node: float(info["budget"]) if "budget" in info
             else float(mix_budgets[int(info["partition-id"])]) for node, info in nodes.items()}
 
 
+def evaluation_subset(seed: int, size: int, n: int) -> np.ndarray:
+    """The ``n`` test examples (of ``size``) the global model is evaluated on, by seed."""
+    return streams.rng(seed, "evaluation").permutation(size)[:n]
+
+
 def evaluation_rows(model: RankedModel, loader, fractions: list[float], server_round: int,
                     tier_ranks: Mapping[float, Mapping[str, int]],
-                    full_macs: float | None = None) -> list[dict]:
+                    precision: str = "fp32") -> list[dict]:
     """Tidy rows of the global model's accuracy, loss and cost at every fraction and tier.
 
-    ``relative-macs`` is relative to ``full_macs`` (default: the model's own full-rank MACs),
-    ``dense-relative-macs`` to the same network undecomposed.
+    Every level is evaluated in one pass over the batches, work shared between levels computed
+    once (``fl_maestro.evaluation``). ``dense-relative-macs`` is relative to the same network
+    undecomposed (what budgets are fractions of; shrinking does not change it).
     """
     levels = [("fraction", p, model.ranks_at_fraction(p)) for p in fractions]
     levels += [("tier", b, ranks) for b, ranks in tier_ranks.items()]
-    full_macs = model.cost(kind="macs") if full_macs is None else full_macs
     dense_macs = model.dense_cost("macs")
     rows = []
-    for kind, level, ranks in levels:
-        result = evaluate(model, loader, ranks)
+    results = evaluate_levels(model, loader, [ranks for _, _, ranks in levels], precision)
+    for (kind, level, ranks), result in zip(levels, results):
         macs = model.cost(ranks, "macs")
         values = {"accuracy": result["accuracy"], "loss": result["loss"], "macs": macs,
-                  "params": model.cost(ranks, "params"), "relative-macs": macs / full_macs,
+                  "params": model.cost(ranks, "params"),
                   "dense-relative-macs": macs / dense_macs, "eval-examples": result["examples"]}
         rows += [{"round": server_round, "kind": kind, "level": level, "metric": k, "value": v}
                  for k, v in values.items()]
@@ -123,6 +150,18 @@ def shrink_arrays(arrays: Mapping[str, np.ndarray], threshold: float) -> dict[st
     return prefix_arrays(arrays, shrink_ranks(importances, threshold))
 
 
+def initial_arrays(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(streams.seed_int(cfg.seed, "init"))
+        model = build_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
+                          NUM_CLASSES[cfg.dataset], rank_cap=cfg.rank_cap)
+    if cfg.init.startswith("svd:"):
+        load_dense_state(model, load_file(cfg.init[4:]))
+        log.info("initialised every factor pair by SVD of %s", cfg.init[4:])
+    return check_finite(model_arrays(model), f"the initial model ({cfg.init})")
+
+
 class Federation:
     """The state of one run: global arrays, strategy, evaluation data and the results folder."""
 
@@ -131,47 +170,54 @@ class Federation:
         self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
         self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
         strategy_class = WidthFedAvg if is_width(cfg.strategy) else RankWiseFedAvg
-        self.strategy = strategy_class(cfg.clients_per_round, seed=cfg.seed)
+        heterofl = cfg.strategy == "heterofl"
+        self.strategy = strategy_class(
+            cfg.clients_per_round, seed=cfg.seed,
+            merge_weight=cfg.heterofl_merge_weight if heterofl else "examples",
+            label_rows=OUTPUT_ROWS if heterofl and cfg.heterofl_masked_loss else ())
         self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
+        self.examples: dict[int, int] = {}
+        self.world = load_world(cfg)
+        self.clock = 0.0  # simulated seconds at the end of the last finished round
+        self.client_rows: list[dict] = []  # every sampled client's row of the last round
+        self.saved_nodes: dict | None = None  # the checkpointed run's partitions and budgets
         self.start_round = 1
-        # Budgets are fractions of the full-rank factorised model's cost, for every strategy:
-        # a width-sliced baseline's device gets the MACs a rank-wise device of its tier gets
-        # (capped at its dense model), and shrinking never changes what a device affords.
-        original = build_model(cfg.model, self.shape, self.classes, "meta")
-        self.reference_cost = original.cost(kind=cfg.cost)
-        self.reference_macs = original.cost(kind="macs")
+        # Budgets are fractions of the dense (undecomposed) model's cost, for every strategy:
+        # a width-sliced baseline's device gets the MACs a rank-wise device of its tier gets,
+        # and shrinking never changes what a device affords.
+        self.reference_cost = build_model(cfg.model, self.shape, self.classes, "meta",
+                                          "none").dense_cost(cfg.cost)
         if cfg.resume and self.store.has_checkpoint():
             self._resume()
+            self.initial = self.store.load_initial()
+        elif cfg.resume:
+            raise ValueError(f"resume=true but {self.store.root} holds no checkpoint to resume "
+                             "from: check run-name and results-dir, or drop resume=true")
         elif self.store.has_checkpoint():
             raise ValueError(f"{self.store.root} already holds a run: pass resume=true to continue "
                              "it, or choose another run-name")
         else:
             self.store.clear()  # leftovers of a run killed before its first checkpoint
-            self.arrays = self._initial_arrays()
+            self.arrays = self.initial = initial_arrays(cfg)
+            self.store.save_initial(self.initial)
         self.store.write_config(cfg.to_dict())
+        self.scalars = Scalars(self.store.root / "tensorboard", self.start_round) \
+            if cfg.tensorboard else None
         _, _, self.test_x, self.test_y = load_dataset(cfg.dataset)
 
-    def _initial_arrays(self) -> dict[str, np.ndarray]:
-        """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
-        with torch.random.fork_rng():
-            torch.manual_seed(self.cfg.seed)
-            model = build_for(self.cfg.strategy, self.cfg.model, self.shape, self.classes)
-        if self.cfg.init.startswith("svd:"):
-            load_dense_state(model, load_file(self.cfg.init[4:]))
-            log.info("initialised every factor pair by SVD of %s", self.cfg.init[4:])
-        return model_arrays(model)
 
     def _resume(self) -> None:
-        saved = self.store.read_config()
-        changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        # a key the saved run predates had its default then
+        changed = resume_changes({**defaults(), **self.store.read_config()}, self.cfg.to_dict())
         if changed:
             raise ValueError(f"resume=true but the config differs from the checkpointed run in "
                              f"{changed} (saved, now); only {sorted(RESUMABLE_CHANGES)} may change")
         last, self.arrays, state = self.store.load_checkpoint()
         self.strategy.load_state_dict(state["strategy"])
+        self.clock = float(state.get("clock", 0.0))  # runs from before the simulated clock
+        self.saved_nodes = state.get("nodes")
         self.store.truncate_after(last)
         self.start_round = last + 1
         log.info("resuming %s after round %d", self.store.root, last)
@@ -195,47 +241,119 @@ class Federation:
         """Learn every node's partition and budget (node config, else the device mix)."""
         self.budgets = node_budgets(self.cfg, nodes)
         self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
+        self.examples = {n: int(info["train-examples"]) for n, info in nodes.items()}
+        self.world.availability.check_clients(int(next(iter(nodes.values()))["num-partitions"]))
+        self._check_same_nodes(nodes)
         # Deployment budgets from node configs are tiers too, evaluated and planned for.
         self.tiers = sorted(set(self.tiers) | set(self.budgets.values()))
-        if not any(takes_part(self.cfg.strategy, b) for b in self.budgets.values()):
+        taking_part = sum(takes_part(self.cfg.strategy, b) for b in self.budgets.values())
+        if not taking_part:
             raise ValueError(f"strategy {self.cfg.strategy!r}: no node takes part with budgets "
                              f"{sorted(set(self.budgets.values()))}")
+        if self.cfg.clients_per_round > taking_part:
+            raise ValueError(f"clients-per-round = {self.cfg.clients_per_round} but only "
+                             f"{taking_part} of {len(nodes)} nodes take part under strategy "
+                             f"{self.cfg.strategy!r}: lower it or start more SuperNodes")
 
-    def replan(self) -> None:
-        """Give the strategy every taking-part node's ranks on the current global model."""
+    def node_state(self) -> dict:
+        """What the checkpoint keeps of the nodes: partition count and each partition's budget."""
+        return {"num-partitions": len(self.partitions),
+                "budgets": {str(self.partitions[n]): b for n, b in sorted(self.budgets.items())}}
+
+    def _check_same_nodes(self, nodes: Mapping[int, Mapping]) -> None:
+        """A resumed run must see the partitions and budgets it was checkpointed with."""
+        if self.saved_nodes is None:
+            return
+        now = self.node_state()
+        for key in ("num-partitions", "budgets"):
+            if now[key] != self.saved_nodes[key]:
+                raise ValueError(f"resume=true but the nodes differ from the checkpointed run's "
+                                 f"{key}: saved {self.saved_nodes[key]}, now {now[key]}; resume "
+                                 "with the same number of SuperNodes (and node configs)")
+
+    def replan(self) -> RankedModel:
+        """Give the strategy every taking-part node's ranks on the current global model (which
+        is returned: it prices the round's local steps)."""
         model = self.global_model()
         ranks = {b: self.plan(model, b) for b in set(self.budgets.values())}
         shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
+        extra = {b: self.client_config(model, b, r) for b, r in ranks.items()}
         self.strategy.set_clients({
-            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b])
+            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b], self.examples.get(n))
             for n, b in self.budgets.items() if takes_part(self.cfg.strategy, b)})
+        return model
+
+    def client_config(self, model: RankedModel, budget: float,
+                      ranks: Mapping[str, int]) -> dict[str, str]:
+        """What a device needs beside its slice: FjORD's tier grid; for HGL, the squared norms
+        of the components past its ranks (its groups are the global model's groups)."""
+        cfg = self.cfg
+        recipe = local_training(cfg)
+        extra = {}
+        if recipe.sampler == TIER_GRID:
+            grid = tier_grid_ranks(cfg.strategy, model, budget, self.tiers, cfg.cost,
+                                   self.reference_cost)
+            extra[TIER_GRID] = json.dumps(grid)
+        if recipe.hgl_lambda > 0:
+            extra[HGL_BEYOND] = json.dumps(tail_constants(self.arrays, ranks))
+        return extra
 
     def evaluate(self, server_round: int, final: bool = False) -> list[dict]:
         """Evaluate the global model (on the whole test set for the final round)."""
         n = len(self.test_y) if final or self.cfg.eval_samples == 0 else self.cfg.eval_samples
-        subset = np.random.default_rng(self.cfg.seed).permutation(len(self.test_y))[:n]
+        subset = evaluation_subset(self.cfg.seed, len(self.test_y), n)
         # Batches of 200 keep the CNN's largest activation (20 MB) under glibc's largest
         # mmap threshold, so fl_maestro.runtime's malloc settings keep it in the heap.
-        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200)
         model = self.global_model()
+        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200,
+                             device=next(model.parameters()).device)
         tiers = {b: self.plan(model, b) for b in self.tiers}
         return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,
-                               self.reference_macs)
+                               self.cfg.precision)
 
-    def train_round(self, server_round: int) -> dict:
-        """One round of planning, sampling, local training, merging and shrinking."""
-        start = time.perf_counter()
-        self.replan()
-        messages = self.strategy.configure_train(server_round, to_record(self.arrays),
-                                                 ConfigRecord(), self.grid)
-        replies = self.grid.send_and_receive(messages, timeout=3600)
-        merged, metrics = self.strategy.aggregate_train(server_round, replies)
-        if merged is not None:
-            self.arrays = to_numpy(merged)
+    def train_round(self, server_round: int, timeline: Timeline | None = None) -> dict:
+        """One round of planning, sampling, local training, merging and shrinking.
+
+        The device world picks who is online at the round's simulated start and decides, before
+        anyone trains, who drops out, straggles or trains only part of its steps; the round's
+        simulated duration moves the clock. Its parts are phases ``training:plan`` (ranks,
+        sampling and the device world's decisions), ``training:configure`` (slicing and encoding
+        each client's message), ``training:clients`` (waiting for the replies: the clients' work
+        and the transport) and ``training:merge`` (decoding, checking and merging the replies) of
+        ``timeline``.
+        """
+        start, timeline = time.perf_counter(), timeline or Timeline()
+        k = self.cfg.clients_per_round
+        with timeline.phase(server_round, "training:plan"):
+            model = self.replan()
+            members = {n: (s.partition_id, s.budget) for n, s in self.strategy.clients.items()}
+            begin, online = self.world.round_start(members, self.clock)
+            nodes = self.strategy.sample_nodes(self.grid, online, self.world.sample_size(k))
+            fates = self.world.decide(
+                [client_work(self.cfg, server_round, model, self.arrays, n,
+                             self.strategy.clients[n], self.examples[n]) for n in nodes],
+                k, round_rng(self.cfg.seed, server_round))
+            self.strategy.set_round(orders(fates))
+        with timeline.phase(server_round, "training:configure"):
+            messages = list(self.strategy.configure_train(server_round, to_record(self.arrays),
+                                                          ConfigRecord(), self.grid))
+        with timeline.phase(server_round, "training:clients"):
+            replies = self.grid.send_and_receive(messages, timeout=3600) if messages else []
+        with timeline.phase(server_round, "training:merge"):
+            merged, metrics = self.strategy.aggregate_train(server_round, replies)
+            if merged is not None:
+                self.arrays = to_numpy(merged)
+        self.client_rows = fate_rows(server_round, fates, self.strategy.client_rows)
+        kept = {r["partition-id"] for r in self.client_rows if r["outcome"] in MERGED}
+        merged_nodes = {f.work.node for f in fates if f.work.partition in kept}
+        seconds = self.world.round_seconds(fates, merged_nodes, k)
+        self.clock = begin + seconds
         every = self.cfg.shrink_every
         if every and server_round % every == 0:
             self.shrink(server_round)
-        return {"round": server_round, **dict(metrics or {}),
+        return {"round": server_round, **dict(metrics or {}), **round_totals(self.client_rows),
+                "online": len(online), "sim-start": begin, "sim-seconds": seconds,
+                "sim-time": self.clock,
                 "global-params": int(sum(a.size for a in self.arrays.values())),
                 "seconds": time.perf_counter() - start}
 
@@ -247,14 +365,50 @@ class Federation:
         cut = {n: f"{before[n]}->{after[n]}" for n in before if after[n] != before[n]}
         log.info("round %d: shrinking cut %s", server_round, cut or "nothing")
 
+    def component_rows(self, server_round: int) -> list[dict]:
+        """Coverage of the round's replies and the global model's per-component state."""
+        replies = [coverage_from_metrics(m) for m in self.strategy.client_lists]
+        return component_rows(server_round, self.arrays, self.initial, replies)
+
     def checkpoint(self, server_round: int) -> None:
         """Save everything a resumed run needs to continue after ``server_round``."""
         self.store.save_checkpoint(server_round, self.arrays,
-                                   {"strategy": self.strategy.state_dict()})
+                                   {"strategy": self.strategy.state_dict(), "clock": self.clock,
+                                    "nodes": self.node_state()})
+
+    def record(self, server_round: int, row: Mapping | None, evaluation: list[dict]) -> None:
+        """Append a round's rows to the tables (and the TensorBoard scalars, when on)."""
+        self.store.append("evaluation", evaluation)
+        if row is not None:
+            self.store.append("clients", self.client_rows)
+            self.store.append("rounds", [row])
+        if self.scalars is not None:
+            self.scalars.add(server_round, row, evaluation)
+
+    def check_replies(self, row: Mapping) -> None:
+        """Stop the run when a round got fewer usable replies than ``min-reply-share`` asks of
+        the clients it sent to (clients the device world dropped before training do not count)."""
+        sent, usable = int(row.get("sent", 0)), int(row.get("clients", 0))
+        if sent and usable < self.cfg.min_reply_share * sent:
+            reasons = Counter(f"{r['outcome']}: {r['reason']}" for r in self.strategy.client_rows
+                              if r["outcome"] not in USABLE)
+            listed = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(5))
+            raise RoundFailed(f"round {row['round']}: only {usable} of {sent} clients sent a usable "
+                              f"reply (min-reply-share = {self.cfg.min_reply_share}); {listed}")
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
-    """Run every round, writing results as it goes; returns the final per-tier table."""
+    """Run every round, writing results as it goes; returns the final per-tier table.
+
+    The run folder is locked for the whole run: a second writer (a resume started while this run
+    goes on) is refused with a message naming this process.
+    """
+    with RunLock(f"{cfg.results_dir}/{cfg.name}"):
+        return _run_rounds(grid, cfg)
+
+
+def _run_rounds(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
+    """Set up, discover the nodes, then train, evaluate and checkpoint every round."""
     timeline = Timeline()
     with timeline.phase(0, "set-up"):
         discovery = Discovery(grid)  # nodes answer while the server sets up
@@ -263,51 +417,33 @@ def run_federation(grid: Grid, cfg: RunConfig) -> pd.DataFrame:
         fed.set_nodes(discovery.result())
     if fed.start_round == 1:
         with timeline.phase(0, "evaluation"):
-            fed.store.append("evaluation", fed.evaluate(0))
+            fed.record(0, None, fed.evaluate(0))
+            fed.store.append("components", fed.component_rows(0))
     fed.store.append("timeline", timeline.take())
     started = time.perf_counter()
     for rnd in range(fed.start_round, cfg.num_rounds + 1):
         with timeline.phase(rnd, "training"):
-            row = fed.train_round(rnd)
-        final = rnd == cfg.num_rounds
+            row = fed.train_round(rnd, timeline)
+        try:
+            fed.check_replies(row)
+        except RoundFailed:  # the failed round's rows stay, for the record; no checkpoint
+            fed.record(rnd, row, [])
+            raise
+        evaluation, final = [], rnd == cfg.num_rounds
         if final or rnd % cfg.eval_every == 0:
             with timeline.phase(rnd, "evaluation"):
-                fed.store.append("evaluation", fed.evaluate(rnd, final=final))
+                evaluation = fed.evaluate(rnd, final=final)
         with timeline.phase(rnd, "results"):
-            fed.store.append("clients", fed.strategy.client_rows)
-            fed.store.append("rounds", [row])
+            fed.record(rnd, row, evaluation)
+            fed.store.append("components", fed.component_rows(rnd))
             fed.checkpoint(rnd)
         fed.store.append("timeline", timeline.take())
         _log_progress(fed, rnd, started)
+    if fed.scalars is not None:
+        fed.scalars.close()
     table = tier_table(fed.store.read("evaluation"), cfg.num_rounds)
     log.info("final global-model accuracy by tier (%s):\n%s", fed.store.root, table.to_string())
     return table
-
-
-class Timeline:
-    """Wall-clock phases of a run, kept as rows for the ``timeline`` table.
-
-    Start times are Unix times, so they line up with what happens outside the ServerApp (the
-    simulation benchmark uses them to tell Flower's start-up and shut-down from the run's own work).
-    """
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    @contextmanager
-    def phase(self, server_round: int, name: str) -> Iterator[None]:
-        """Time the block as phase ``name`` of ``server_round`` (0: before the first round)."""
-        start, clock = time.time(), time.perf_counter()
-        try:
-            yield
-        finally:
-            self.rows.append({"round": server_round, "phase": name, "start": start,
-                              "seconds": time.perf_counter() - clock})
-
-    def take(self) -> list[dict]:
-        """The rows recorded since the last call."""
-        rows, self.rows = self.rows, []
-        return rows
 
 
 def _log_progress(fed: Federation, rnd: int, started: float) -> None:
@@ -327,4 +463,4 @@ def tier_table(evaluation: pd.DataFrame, server_round: int) -> pd.DataFrame:
     rows = evaluation[(evaluation["round"] == server_round) & (evaluation["kind"] == "tier")]
     table = rows.pivot_table(index="level", columns="metric", values="value")
     table.index.name = "budget"
-    return table[["accuracy", "relative-macs", "dense-relative-macs", "params", "eval-examples"]]
+    return table[["accuracy", "dense-relative-macs", "params", "eval-examples"]]

@@ -9,8 +9,9 @@ in the state dict.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,36 @@ from torch import nn
 from fl_maestro.layers import LowRankConv2d, LowRankLayer, LowRankLinear
 
 COST_KINDS = ("macs", "params")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a model's forward pass and the modules whose active ranks it depends on.
+
+    ``scope`` names modules (``"conv2"``, ``"layer1.0"``): the stage's output depends on its input
+    and on the ranks of the ranked layers at or under those names, nothing else. Evaluation at
+    several rank levels computes a stage once for all levels that agree on everything up to it.
+    """
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    scope: tuple[str, ...]
+
+
+def run_stages(stages: tuple[Stage, ...], x: torch.Tensor) -> torch.Tensor:
+    """Run ``x`` through ``stages`` in order."""
+    for stage in stages:
+        x = stage.run(x)
+    return x
+
+
+def pool_relu(x: torch.Tensor) -> torch.Tensor:
+    """``relu(max_pool2d(x, 2))``, which equals ``max_pool2d(relu(x), 2)`` exactly.
+
+    ReLU is monotone, so it commutes with the max; the gradients agree too (both reach the
+    window's first maximum, and only where it is positive). Pooling first runs the ReLU and its
+    backward on a quarter of the elements.
+    """
+    return torch.relu(nn.functional.max_pool2d(x, 2))
 
 
 class RankedModel(nn.Module):
@@ -49,6 +80,10 @@ class RankedModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown ranked layer {unknown[0]!r}; layers are {sorted(layers)}")
         return [(layers[name], rank) for name, rank in ranks.items()]
+
+    def stages(self) -> tuple[Stage, ...]:
+        """The forward pass as a chain of stages (default: one stage, depending on every layer)."""
+        return (Stage(self.forward, ("",)),)
 
     def set_ranks(self, ranks: Mapping[str, int]) -> None:
         """Set the active rank of the named layers; layers not named keep theirs."""
@@ -183,11 +218,16 @@ class MLP(RankedModel):
         self.hidden = nn.ModuleList(LowRankLinear(a, b) for a, b in zip(widths, widths[1:]))
         self.classifier = nn.Linear(widths[-1], num_classes)
 
+    def stages(self) -> tuple[Stage, ...]:
+        """Each hidden layer (the first one flattening the input), then the classifier."""
+        def hidden(i: int) -> Stage:
+            layer = self.hidden[i]
+            return Stage(lambda x: torch.relu(layer(x.flatten(1))), (f"hidden.{i}",))
+        return (*(hidden(i) for i in range(len(self.hidden))),
+                Stage(self.classifier, ("classifier",)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for layer in self.hidden:
-            x = torch.relu(layer(x))
-        return self.classifier(x)
+        return run_stages(self.stages(), x)
 
 
 class CNN(RankedModel):
@@ -203,10 +243,47 @@ class CNN(RankedModel):
         self.fc = LowRankLinear(channels[1] * (h // 4) * (w // 4), hidden)
         self.classifier = nn.Linear(hidden, num_classes)
 
+    def stages(self) -> tuple[Stage, ...]:
+        """conv1 block, conv2 block, then fc and the classifier."""
+        return (Stage(lambda x: pool_relu(self.conv1(x)), ("conv1",)),
+                Stage(lambda x: pool_relu(self.conv2(x)), ("conv2",)),
+                Stage(lambda x: self.classifier(torch.relu(self.fc(x.flatten(1)))),
+                      ("fc", "classifier")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_stages(self.stages(), x)
+
+
+def lenet_flat_features(input_shape: tuple[int, ...]) -> int:
+    """Features after LeNet's two 5x5 convs (no padding) and 2x2 max-pools: 16 * 4 * 4 at 28x28."""
+    _, h, w = input_shape
+    h2, w2 = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    if h2 < 1 or w2 < 1:
+        raise ValueError(f"LeNet needs inputs of at least 16x16 pixels, got {tuple(input_shape)}")
+    return 16 * h2 * w2
+
+
+class LeNet(RankedModel):
+    """LeNet-5 as Maestro runs it on MNIST (NIID-Bench's "simple CNN"): conv 6@5x5, max-pool 2,
+    conv 16@5x5, max-pool 2, fc 120, fc 84, classifier; no padding (28 -> 24 -> 12 -> 8 -> 4).
+
+    Factorised as the other models: dense first conv and classifier, the rest low-rank.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.conv1 = nn.Conv2d(input_shape[0], 6, 5)
+        self.conv2 = LowRankConv2d(6, 16, 5)
+        self.fc1 = LowRankLinear(lenet_flat_features(input_shape), 120)
+        self.fc2 = LowRankLinear(120, 84)
+        self.classifier = nn.Linear(84, num_classes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.classifier(torch.relu(self.fc(x.flatten(1))))
+        x = torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1)))))
+        return self.classifier(x)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -249,22 +326,56 @@ class ResNet18(RankedModel):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = nn.Linear(512, num_classes)
 
+    def stages(self) -> tuple[Stage, ...]:
+        return resnet_stages(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return run_stages(self.stages(), x)
 
 
-MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}
+def resnet_stages(model: nn.Module) -> tuple[Stage, ...]:
+    """A ResNet-18's stem, each of its eight blocks, and its pooled classifier, as stages."""
+    blocks = [Stage(block, (f"layer{i}.{j}",))
+              for i, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4), 1)
+              for j, block in enumerate(layer)]
+    return (Stage(lambda x: torch.relu(model.norm1(model.conv1(x))), ("conv1", "norm1")), *blocks,
+            Stage(lambda x: model.classifier(
+                torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)), ("classifier",)))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "lenet": LeNet, "resnet18": ResNet18}
+# How a factorised layer's maximum rank is bounded. A full-rank pair always costs more than the
+# dense layer it replaces (min(a, b) * (a + b) > a * b), so keeping such layers dense would keep
+# every layer dense: the choice is to cap the rank ("dense") or not ("none", Maestro's code).
+RANK_CAPS = ("dense", "none")
+
+
+def dense_cost_ranks(model: RankedModel) -> dict[str, int]:
+    """Each layer's largest rank whose factor pair costs no more than its dense layer.
+
+    ``r * (fan_in + out) <= out * fan_in``, the same bound for MACs and parameters (at least 1).
+    """
+    return {n: max(1, min(m.max_rank, m.dense_macs() // (m.fan_in + m.out_features)))
+            for n, m in model.low_rank_layers().items()}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
-                device: torch.device | str | None = None) -> RankedModel:
-    """Build a registered model at full rank; ``device="meta"`` skips initialisation entirely."""
+                device: torch.device | str | None = None, rank_cap: str = "dense") -> RankedModel:
+    """Build a registered model at its maximum ranks; ``device="meta"`` skips initialisation.
+
+    ``rank_cap="dense"`` caps every factorised layer at ``dense_cost_ranks`` (its best rank-R
+    approximation of the initial dense draw), so the full model never costs more than the dense
+    one; ``"none"`` keeps the full rank ``min(out, fan_in)``.
+    """
     if name not in MODELS:
         raise ValueError(f"model {name!r} is not allowed: use one of {sorted(MODELS)}")
+    if rank_cap not in RANK_CAPS:
+        raise ValueError(f"rank cap {rank_cap!r} is not allowed: use one of {RANK_CAPS}")
     with torch.device(device or "cpu"):
-        return MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes)
+        model = MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes)
+    if rank_cap == "dense":
+        model.truncate(dense_cost_ranks(model))
+    return model
 
 
 def model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,

@@ -3,12 +3,19 @@
 Each sampler draws ranks inside a client's own maximum ranks from a seeded numpy Generator. Small
 prefixes are drawn far more often than large ones (every draw includes the first component), which
 is what orders the components by importance.
+
+``single-layer`` is Maestro's ``per_layer`` sampler as its code draws: one (layer, rank) pair drawn
+uniformly, with replacement every step, from the union of every layer's ranks, so a layer's chance
+of being truncated is proportional to its number of ranks; the others stay at their maximum.
+``single-layer-uniform`` first picks the layer uniformly (every layer equally often), then the rank.
+``tier_grid`` is FjORD's: one width fraction per step, drawn uniformly from the discrete grid of
+tiers the client can afford, for every layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -16,7 +23,19 @@ Sampler = Callable[[Mapping[str, int], np.random.Generator], dict[str, int]]
 
 
 def single_layer(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict[str, int]:
-    """Maestro's default: one random layer gets a uniform random rank, the others stay at max."""
+    """Maestro's default: a (layer, rank) pair uniform over all layers' ranks; others at max."""
+    ranks = dict(max_ranks)
+    if ranks:
+        bounds = np.cumsum(list(ranks.values()))
+        k = int(rng.integers(bounds[-1]))  # which of all (layer, rank) pairs
+        i = int(np.searchsorted(bounds, k, side="right"))
+        name = list(ranks)[i]
+        ranks[name] = k - int(bounds[i - 1] if i else 0) + 1
+    return ranks
+
+
+def single_layer_uniform(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict[str, int]:
+    """One layer picked uniformly gets a uniform random rank, the others stay at max."""
     ranks = dict(max_ranks)
     if ranks:
         name = list(ranks)[rng.integers(len(ranks))]
@@ -25,7 +44,7 @@ def single_layer(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict
 
 
 def uniform(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict[str, int]:
-    """FjORD style: one fraction p ~ U(0, 1] for every layer, rank ``ceil(p * max)``."""
+    """One continuous fraction p ~ U(0, 1] for every layer, rank ``ceil(p * max)``."""
     p = 1.0 - rng.random()  # in (0, 1]
     return {name: max(1, math.ceil(p * r)) for name, r in max_ranks.items()}
 
@@ -40,8 +59,26 @@ def full(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict[str, in
     return dict(max_ranks)
 
 
+def tier_grid(grid: Sequence[Mapping[str, int]]) -> Sampler:
+    """FjORD's sampler: each step one of ``grid`` (the ranks of every tier ``p <= p_max``), uniformly.
+
+    The returned sampler checks that every grid point lies inside the client's maximum ranks.
+    """
+    points = [dict(g) for g in grid]
+    if not points:
+        raise ValueError("tier grid is empty: a FjORD client needs at least its own tier")
+
+    def draw(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict[str, int]:
+        ranks = points[int(rng.integers(len(points)))]
+        if set(ranks) != set(max_ranks) or any(r > max_ranks[n] for n, r in ranks.items()):
+            raise ValueError(f"tier-grid point {ranks} does not fit the client's ranks {dict(max_ranks)}")
+        return dict(ranks)
+    return draw
+
+
 SAMPLERS: dict[str, Sampler] = {
-    "single-layer": single_layer, "uniform": uniform, "independent": independent, "none": full,
+    "single-layer": single_layer, "single-layer-uniform": single_layer_uniform,
+    "uniform": uniform, "independent": independent, "none": full,
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fl_maestro import actor_pool
 from fl_maestro.config import parse_run_config
 from fl_maestro.federation import run_federation
 from fl_maestro.runtime import keep_freed_memory
@@ -24,8 +25,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run one federated experiment as the run config describes."""
     setup_logging()
-    log.info("server process: %d torch threads; malloc keeps freed memory: %s",
-             torch.get_num_threads(), keep_freed_memory())
+    log.info("server process: %d torch threads; malloc keeps freed memory: %s; dead client "
+             "actors replaced: %s", torch.get_num_threads(), keep_freed_memory(),
+             actor_pool.install())
     cfg = parse_run_config(context.run_config)  # a bad key or value stops here, before any client
     run_federation(grid, cfg)
 

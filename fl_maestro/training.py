@@ -4,7 +4,10 @@
 the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
 ``CE(full pass, y) + CE(sampled pass, softmax(full pass).detach())``, "full" meaning the client's
 maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. ``hgl_lambda`` adds the
-hierarchical group lasso.
+hierarchical group lasso (with ``hgl_beyond``, the server's constants for the components the client
+does not hold, it is the global penalty restricted to the client's components). ``classes`` masks the
+loss as HeteroFL does: the logits of classes outside the client's data are set to 0, so their
+classifier rows get no gradient from it.
 
 With ``optimizer="corner"`` (the default) each step reads and writes only the components it
 trains (``fl_maestro.optim``): the client's maximum ranks with the self-distilling loss or HGL,
@@ -13,6 +16,9 @@ weight, momentum and weight decay until it is trained again. ``optimizer="sgd"``
 step instead: ``torch.optim.SGD`` over whole parameters, so momentum keeps moving components a step
 did not reach, and weight decay applies to the client's whole trained corner every step. Either
 way, components past the client's maximum ranks are never changed.
+
+``precision`` (``fl_maestro.precision``) picks the dtype of the forward passes (``fp32``, or
+``bf16`` autocast); conv models train in the channels_last layout.
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_maestro import streams
+from fl_maestro.components import StepCounter
+from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.layers import leading
-from fl_maestro.models import RankedModel, at_ranks
+from fl_maestro.models import RankedModel
 from fl_maestro.optim import CornerSGD, corner_view
+from fl_maestro.precision import autocast, check_precision, to_device, use_fast_layout
 from fl_maestro.sampling import Sampler, get_sampler
 from fl_maestro.shrinking import hgl_penalty
 
@@ -42,41 +52,97 @@ def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | N
           sampler: str | Sampler = "single-layer", epochs: int = 1, lr: float = 0.05,
           momentum: float = 0.9, weight_decay: float = 1e-4, distill: bool = True,
           hgl_lambda: float = 0.0, rng: np.random.Generator | None = None,
-          optimizer: str = "corner") -> dict[str, float]:
+          optimizer: str = "corner",
+          hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
+          classes: Iterable[int] | None = None, precision: str = "fp32",
+          max_steps: int | None = None) -> dict[str, float]:
     """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
 
+    ``max_steps`` stops training after that many steps (a straggler's partial work).
     Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
-    labels), ``examples`` (training-set size), ``steps``, ``seconds`` and ``macs`` (training MACs).
+    labels), ``examples`` (training-set size), ``steps``, ``seconds``, ``macs`` (training MACs,
+    the same per step as ``planned_step_macs`` predicts) and ``coverage`` (per layer, the steps
+    whose loss reached each component).
     """
     max_ranks = dict(model.max_ranks() if max_ranks is None else max_ranks)
     model.set_ranks(max_ranks)  # validates the ranks
     draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
     rng = np.random.default_rng(0) if rng is None else rng
+    check_precision(precision)
+    fmt = use_fast_layout(model)  # before make_step: momentum buffers take the parameters' layout
     step = make_step(model, optimizer, lr, momentum, weight_decay, max_ranks)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
+    absent = None
+    if classes is not None:  # HeteroFL's label mask: True where a class is not in the data
+        absent = torch.ones(model.classifier.out_features, dtype=torch.bool, device=device)
+        absent[list(classes)] = False
     start, steps, macs = time.perf_counter(), 0, 0
+    coverage = StepCounter(max_ranks)
+    loss_sum, correct, seen = 0.0, 0, 0
     model.train()
     for epoch in range(epochs):
+        if steps == max_steps:
+            break
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
+            if steps == max_steps:
+                break
+            x, y = to_device(x, device, fmt), y.to(device, non_blocking=True)
             ranks = draw(max_ranks, rng)
             trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
+            coverage.add(trained)
             loss, logits = step(trained, lambda: _step_loss(model, x, y, max_ranks, ranks, distill,
-                                                            hgl_lambda))
+                                                            hgl_lambda, hgl_beyond, absent,
+                                                            precision))
             steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
-            macs += len(y) * TRAIN_MACS_PER_FORWARD * (
-                model.cost(ranks, "macs") + (full_macs if distill else 0))
+            macs += step_macs(len(y), model.cost(ranks, "macs"), full_macs, distill)
         log.debug("epoch %d/%d: loss %.4f over %d examples", epoch + 1, epochs,
                   loss_sum / max(seen, 1), seen)
     model.set_ranks(max_ranks)
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
             "examples": seen, "steps": steps, "seconds": time.perf_counter() - start,
-            "macs": float(macs)}
+            "macs": float(macs), "coverage": coverage.counts}
+
+
+def step_macs(batch: int, sampled_macs: float, full_macs: float, distill: bool) -> float:
+    """Training MACs of one step on ``batch`` examples (the full pass too when distilling)."""
+    return float(batch * TRAIN_MACS_PER_FORWARD * (sampled_macs + (full_macs if distill else 0)))
+
+
+def step_rng(seed: int, server_round: int, partition_id: int) -> np.random.Generator:
+    """The generator of a client's ordered-dropout draws in a round (client and server agree)."""
+    return streams.rng(seed, "training", server_round, partition_id)
+
+
+def batch_sizes(num_examples: int, batch_size: int, epochs: int) -> list[int]:
+    """The size of every local step's batch: ``epochs`` passes, the last batch of each short."""
+    full, rest = divmod(int(num_examples), int(batch_size))
+    return ([batch_size] * full + ([rest] if rest else [])) * int(epochs)
+
+
+def planned_step_macs(model: RankedModel, max_ranks: Mapping[str, int],
+                      sampler: str | Sampler, rng: np.random.Generator, batches: Iterable[int],
+                      distill: bool) -> list[float]:
+    """The training MACs of each step ``train`` would take: the same draws from the same ``rng``.
+
+    Known before training, so a device's simulated time (and which steps fit a deadline) costs
+    no host compute. ``max_ranks`` must list the layers in the model's order, as the client's do.
+    """
+    draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    full_macs = model.cost(max_ranks, "macs")
+    costs: dict[tuple, float] = {}
+    out = []
+    for batch in batches:
+        ranks = draw(max_ranks, rng)
+        key = tuple(ranks.values())
+        if key not in costs:
+            costs[key] = model.cost(ranks, "macs")
+        out.append(step_macs(batch, costs[key], full_macs, distill))
+    return out
 
 
 def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,
@@ -122,37 +188,41 @@ def _decay_corners(model: RankedModel, corners: Mapping[str, tuple[int, ...]], w
 
 
 def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: Mapping[str, int],
-               ranks: Mapping[str, int], distill: bool, hgl_lambda: float):
+               ranks: Mapping[str, int], distill: bool, hgl_lambda: float,
+               hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
+               absent: torch.Tensor | None = None, precision: str = "fp32"):
     """The step's loss and the logits of the pass trained on the labels."""
+    with autocast(precision, x.device):
+        loss, logits = _passes_loss(model, x, y, max_ranks, ranks, distill, absent)
+    if hgl_lambda > 0:  # in float32, outside autocast: norms of the factors themselves
+        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks, hgl_beyond)
+    return loss, logits
+
+
+def _passes_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor,
+                 max_ranks: Mapping[str, int], ranks: Mapping[str, int], distill: bool,
+                 absent: torch.Tensor | None = None):
+    """The cross-entropy of the step's forward passes, and the logits trained on the labels."""
+    def forward() -> torch.Tensor:
+        logits = model(x)
+        return logits if absent is None else logits.masked_fill(absent, 0.0)
+
     if distill:
         model.set_ranks(max_ranks)
-        full_logits = model(x)
+        full_logits = forward()
         model.set_ranks(ranks)
-        sampled = model(x)
+        sampled = forward()
         teacher = F.softmax(full_logits.detach(), dim=1)
         loss, logits = F.cross_entropy(full_logits, y) + F.cross_entropy(sampled, teacher), full_logits
     else:
         model.set_ranks(ranks)
-        logits = model(x)
+        logits = forward()
         loss = F.cross_entropy(logits, y)
-    if hgl_lambda > 0:
-        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks)
     return loss, logits
 
 
-@torch.no_grad()
-def evaluate(model: RankedModel, loader: Iterable, ranks: Mapping[str, int] | None = None) -> dict[str, float]:
+def evaluate(model: RankedModel, loader: Iterable, ranks: Mapping[str, int] | None = None,
+             precision: str = "fp32") -> dict[str, float]:
     """Loss and accuracy of ``model`` at ``ranks`` (default: its maximum ranks)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    with at_ranks(model, model.max_ranks() if ranks is None else ranks):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-    model.train(was_training)
-    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "examples": seen}
+    return evaluate_levels(model, loader, [model.max_ranks() if ranks is None else ranks],
+                           precision)[0]

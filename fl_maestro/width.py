@@ -25,7 +25,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fl_maestro.layers import LowRankLayer, check_rank, leading
-from fl_maestro.models import CNN, COST_KINDS, MLP, RankedModel, at_ranks
+from fl_maestro.models import (CNN, COST_KINDS, MLP, LeNet, RankedModel, ResNet18, at_ranks,
+                               lenet_flat_features)
 
 Shape = tuple[int, ...]
 WIDTH_MODELS_SUPPORT = ("width models support uniform allocation, plain ordered dropout and "
@@ -48,6 +49,10 @@ class WidthLayer:
     bias: nn.Parameter | None
     rank: int
     sliceable_out: bool
+    train_scale: float = 1.0  # HeteroFL's scaler: outputs are divided by it in training mode
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out / self.train_scale if self.training and self.train_scale != 1.0 else out
 
     @property
     def max_rank(self) -> int:
@@ -112,7 +117,7 @@ class WidthLinear(WidthLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
         bias = None if self.bias is None else leading(self.bias, r)
-        return F.linear(x, leading(self.weight, r, x.shape[-1]), bias)
+        return self._scaled(F.linear(x, leading(self.weight, r, x.shape[-1]), bias))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, sliceable_out={self.sliceable_out}"
@@ -135,7 +140,8 @@ class WidthConv2d(WidthLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
         bias = None if self.bias is None else leading(self.bias, r)
-        return F.conv2d(x, leading(self.weight, r, x.shape[1]), bias, self.stride, self.padding)
+        return self._scaled(F.conv2d(x, leading(self.weight, r, x.shape[1]), bias, self.stride,
+                                     self.padding))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
@@ -283,7 +289,7 @@ class WidthMLP(WidthModel):
         self.hidden = nn.ModuleList(WidthLinear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.classifier = WidthLinear(sizes[-1], num_classes, sliceable_out=False)
 
-    forward = MLP.forward  # the same network as models.MLP, layer for layer
+    stages, forward = MLP.stages, MLP.forward  # the same network as models.MLP, layer for layer
 
 
 class WidthCNN(WidthModel):
@@ -305,7 +311,26 @@ class WidthCNN(WidthModel):
         self.fc = WidthLinear(held["conv2"] * (h // 4) * (w // 4), held["fc"])
         self.classifier = WidthLinear(held["fc"], num_classes, sliceable_out=False)
 
-    forward = CNN.forward  # the same network as models.CNN, layer for layer
+    stages, forward = CNN.stages, CNN.forward  # the same network as models.CNN, layer for layer
+
+
+class WidthLeNet(WidthModel):
+    """``models.LeNet`` with every conv and linear width-sliced (the classifier on its input only)."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                 widths: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        full = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
+        held = _resolve_widths(full, widths)
+        pixels = lenet_flat_features(input_shape) // 16  # channel-major flatten, as in WidthCNN
+        self.conv1 = WidthConv2d(input_shape[0], held["conv1"], 5)
+        self.conv2 = WidthConv2d(held["conv1"], held["conv2"], 5)
+        self.fc1 = WidthLinear(held["conv2"] * pixels, held["fc1"])
+        self.fc2 = WidthLinear(held["fc1"], held["fc2"])
+        self.classifier = WidthLinear(held["fc2"], num_classes, sliceable_out=False)
+
+    forward = LeNet.forward  # the same network as models.LeNet, layer for layer
 
 
 def _group_size(channels: int) -> int:
@@ -383,13 +408,10 @@ class WidthResNet18(WidthModel):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = WidthLinear(in_width, num_classes, sliceable_out=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    stages, forward = ResNet18.stages, ResNet18.forward  # the same network as models.ResNet18
 
 
-WIDTH_MODELS = {"mlp": WidthMLP, "cnn": WidthCNN, "resnet18": WidthResNet18}
+WIDTH_MODELS = {"mlp": WidthMLP, "cnn": WidthCNN, "lenet": WidthLeNet, "resnet18": WidthResNet18}
 
 
 def build_width_model(name: str, input_shape: tuple[int, ...], num_classes: int,
@@ -401,6 +423,13 @@ def build_width_model(name: str, input_shape: tuple[int, ...], num_classes: int,
     with torch.device(device or "cpu"):
         return WIDTH_MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes,
                                   widths=widths)
+
+
+def set_scaler(model: WidthModel, global_widths: Mapping[str, int]) -> None:
+    """HeteroFL's scaler: in training, every sliced layer divides its output by its rate, the
+    width it holds over the global width (``global_widths``, e.g. the full model's max ranks)."""
+    for name, layer in model.ranked_layers().items():
+        layer.train_scale = layer.max_rank / global_widths[name]
 
 
 def width_model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,

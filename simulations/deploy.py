@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.launch import (APP_DIR, CONNECTION, Managed, flower_env, free_port, judge, stage_app,
-                                start_command, stop_processes, toml_overrides, wait_for_port)
+from simulations.launch import (APP_DIR, CONNECTION, Managed, flower_env, free_port, judge,
+                                run_status, stage_app, start_command, stop_processes,
+                                stream_flwr_run, toml_overrides, wait_for_port)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Deployment(Managed):
         self.port: int | None = None
         self.processes: list[subprocess.Popen] = []
         self.env = flower_env(self.home, extra_env)
+        self.status: str | None = None  # Flower's final status of the last run
 
     def start(self, timeout: float = 120) -> None:
         """Start the SuperLink, then every SuperNode, and wait until all of them are online."""
@@ -208,13 +210,9 @@ class Deployment(Managed):
         """``flwr run . --stream`` with the given run-config overrides; returns its exit code."""
         staged = stage_app(self.app_dir, self.home / "app")  # see stage_app: no .venv walk
         command = ["flwr", "run", str(staged), CONNECTION, "--stream", *toml_overrides(run_config)]
-        log.info("running: %s", " ".join(command))
-        try:
-            return subprocess.run(command, cwd=self.app_dir, env=self.env, timeout=timeout,
-                                  stdin=subprocess.DEVNULL).returncode
-        except subprocess.TimeoutExpired:
-            log.error("flwr run exceeded %.0f s", timeout)
-            return 124
+        code, run_id = stream_flwr_run(command, self.app_dir, self.env, timeout)
+        self.status = run_status(self.env, run_id)
+        return code
 
     def stop(self, grace: float = 10) -> None:
         """Stop every SuperNode, the SuperLink and everything started under this FLWR_HOME."""
@@ -253,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                             tls=args.tls)
     with deployment:
         code = deployment.run(overrides, args.timeout)
-    return judge(code, overrides)
+    return judge(code, overrides, deployment.status)
 
 
 if __name__ == "__main__":

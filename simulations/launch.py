@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,11 +33,16 @@ from fl_maestro.config import parse_run_config
 from fl_maestro.federation import tier_table
 from fl_maestro.results import RunStore
 from fl_maestro.runtime import ALLOCATOR_ENV
+from fl_maestro.world import load_world
+from simulations.preflight import absolute_paths, preflight
+from simulations.watchdog import processes_with_env, processes_with_home  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fl-maestro"
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+COMPLETED = "finished:completed"
 
 
 def free_port() -> int:
@@ -128,23 +135,55 @@ def toml_overrides(values: Mapping[str, Any]) -> list[str]:
     """``--run-config`` arguments for a dict of values (TOML literals, one key per argument)."""
     args = []
     for key, value in values.items():
-        args += ["--run-config", f"{key}={json.dumps(value)}"]
+        literal = json.dumps(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            literal = str(value)  # TOML spells them inf, -inf and nan (JSON: Infinity, NaN)
+        args += ["--run-config", f"{key}={literal}"]
     return args
 
 
+class Watchdog:
+    """``simulations.watchdog`` for one FLWR_HOME: stops its processes if this process dies.
+
+    It holds the read end of a pipe only this process writes to; the kernel closes the pipe when
+    this process exits, even by SIGKILL, and the watchdog then stops every process under the
+    FLWR_HOME (and removes a temporary one). ``close()`` is the orderly end.
+    """
+
+    def __init__(self, home: Path, remove: bool) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}  # not one of its targets
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "simulations.watchdog", str(home), *(["--remove"] * remove)],
+            cwd=APP_DIR, env=env, stdin=subprocess.PIPE, start_new_session=True)
+
+    def close(self) -> None:
+        """Close the pipe; the watchdog sees what is left under the home (nothing) and exits."""
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 class PrivateSuperLink(Managed):
-    """A simulation SuperLink of our own: private FLWR_HOME, free ports, killed on exit."""
+    """A simulation SuperLink of our own: private FLWR_HOME, free ports, killed on exit (also
+    when this process is killed: a watchdog stops what it started)."""
 
     def __init__(self, flwr_home: str | Path | None = None, app_dir: Path = APP_DIR) -> None:
         self._tmp = None if flwr_home else tempfile.mkdtemp(prefix="fl-maestro-flwr-")
         self.home = Path(flwr_home or self._tmp)
         self.app_dir = app_dir
         self.process: subprocess.Popen | None = None
+        self.watchdog: Watchdog | None = None
         self.env = flower_env(self.home)
+        self.run_id: int | None = None  # Flower's id of the last run, and its final status
+        self.status: str | None = None
 
     def start(self) -> None:
         """Start the SuperLink and point this FLWR_HOME's default connection at it."""
         self.home.mkdir(parents=True, exist_ok=True)
+        self.watchdog = Watchdog(self.home, remove=self._tmp is not None)
         port = free_port()  # Flower 1.41 serves its Runtime, Control and Fleet APIs on one port
         command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
                    "--host", "127.0.0.1", "--port", str(port), "--database", str(self.home / "state.db"),
@@ -172,28 +211,8 @@ class PrivateSuperLink(Managed):
         command = ["flwr", "run", str(staged), CONNECTION, "--stream", *toml_overrides(run_config)]
         for key, value in federation_config.items():
             command += ["--federation-config", f"{key}={json.dumps(value)}"]
-        log.info("running: %s", " ".join(command))
-        process = subprocess.Popen(command, cwd=self.app_dir, env=self.env, text=True,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT)
-        expired = threading.Event()
-        timer = threading.Timer(timeout, lambda: (expired.set(), process.kill())) \
-            if timeout else None
-        if timer:
-            timer.start()
-        try:
-            with open(log_path, "a") if log_path else contextlib.nullcontext() as sink:
-                for line in process.stdout:
-                    sys.stdout.write(line)
-                    if sink:
-                        sink.write(line)
-            code = process.wait()
-        finally:
-            if timer:
-                timer.cancel()
-        if expired.is_set():
-            log.error("flwr run exceeded %.0f s", timeout)
-            return 124
+        code, self.run_id = stream_flwr_run(command, self.app_dir, self.env, timeout, log_path)
+        self.status = run_status(self.env, self.run_id)
         return code
 
     def stop(self, grace: float | None = None) -> None:
@@ -210,10 +229,61 @@ class PrivateSuperLink(Managed):
             self.process = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
 
     def kill(self) -> None:
         """Kill at once, as a crash would."""
         self.stop(grace=0)
+
+
+def stream_flwr_run(command: list[str], cwd: Path, env: Mapping[str, str],
+                    timeout: float | None = None, log_path: str | Path | None = None
+                    ) -> tuple[int, int | None]:
+    """Run a ``flwr run ... --stream`` command, echoing its output (and appending it to
+    ``log_path``); returns its exit code (124 on timeout) and the run id Flower printed."""
+    log.info("running: %s", " ".join(command))
+    process = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    expired = threading.Event()
+    timer = threading.Timer(timeout, lambda: (expired.set(), process.kill())) if timeout else None
+    if timer:
+        timer.start()
+    run_id = None
+    try:
+        with open(log_path, "a") if log_path else contextlib.nullcontext() as sink:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                if sink:
+                    sink.write(line)
+                found = run_id is None and RUN_STARTED.search(line)
+                if found:
+                    run_id = int(found.group(1))
+        code = process.wait()
+    finally:
+        if timer:
+            timer.cancel()
+    if expired.is_set():
+        log.error("flwr run exceeded %.0f s", timeout)
+        return 124, run_id
+    return code, run_id
+
+
+def run_status(env: Mapping[str, str], run_id: int | None) -> str | None:
+    """Flower's status of run ``run_id`` on this FLWR_HOME's SuperLink (``finished:completed``,
+    ``finished:failed``, ...), from ``flwr ls --format json``; None if it cannot be told."""
+    if run_id is None:
+        return None
+    command = ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+    try:
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL).stdout
+        runs = json.loads(out[out.index("{"):])["runs"]
+        return next(str(r["status"]) for r in runs if int(r["run-id"]) == run_id)
+    except (subprocess.SubprocessError, ValueError, KeyError, StopIteration) as err:
+        log.warning("could not read the status of run %s from Flower: %s", run_id, err)
+        return None
 
 
 def stop_processes(processes: Sequence[subprocess.Popen], home: Path, grace: float = 10) -> None:
@@ -246,41 +316,6 @@ def _signal(processes: Sequence[subprocess.Popen], home: Path, sig: int) -> None
             pass
 
 
-def processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs of live processes whose environment has ``name=value`` (Linux /proc).
-
-    This process and its ancestors are never listed, so a caller cannot kill itself.
-    """
-    marker = b"\0" + f"{name}={value}".encode() + b"\0"
-    spared = _ancestors()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) not in spared:
-            try:
-                if marker in b"\0" + (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def processes_with_home(home: Path) -> list[int]:
-    """PIDs of live processes started under this ``FLWR_HOME``."""
-    return processes_with_env("FLWR_HOME", str(home))
-
-
-def _ancestors() -> set[int]:
-    """This process and its ancestors, never to be killed."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
-
-
 def _wait_gone(home: Path, wait: float = 10) -> None:
     """Wait until no process under this FLWR_HOME is left (zombies count as gone)."""
     deadline = time.monotonic() + wait
@@ -305,15 +340,31 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
-            values[key] = raw
+            values[key] = float(raw) if raw in ("inf", "+inf") else raw  # TOML's infinity
     return values
 
 
 def with_absolute_results(run_config: Mapping[str, Any], app_dir: Path = APP_DIR) -> dict:
     """The overrides with ``results-dir`` made absolute: the ServerApp resolves a relative one
-    against the SuperLink's folder (the app folder), not against where this command runs."""
+    against the SuperLink's folder (the app folder), not against where this command runs. Device
+    profile and availability files are made absolute against where this command runs, and the
+    device world is checked (``load_world`` reads them), so a bad one stops before Flower starts."""
     results = Path(parse_run_config(run_config).results_dir)
-    return {**run_config, "results-dir": str(results if results.is_absolute() else app_dir / results)}
+    out = {**run_config, "results-dir": str(results if results.is_absolute() else app_dir / results)}
+    for key in FILE_KEYS:
+        value = out.get(key, "")
+        if isinstance(value, str) and _names_file(value):
+            out[key] = str(Path(value).resolve())
+    load_world(parse_run_config(out))
+    return out
+
+
+# Run-config keys whose value may name a file (else it is inline text or empty).
+FILE_KEYS = ("device-profiles", "availability")
+
+
+def _names_file(value: str) -> bool:
+    return value.endswith((".toml", ".csv")) and not value.startswith("diurnal:")
 
 
 def run_store(run_config: Mapping[str, Any]) -> RunStore:
@@ -329,23 +380,28 @@ def run_finished(run_config: Mapping[str, Any]) -> bool:
     return path.exists() and run_store(run_config).checkpoint_round() == cfg.num_rounds
 
 
-def start_command(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
-    """Shared start of the run commands: log to stderr, validate the overrides before anything
-    starts (``parser.error`` names the bad key), and make SIGTERM run the clean-up."""
+def start_command(parser: argparse.ArgumentParser, items: list[str],
+                  supernodes: int | None = None) -> dict[str, Any]:
+    """Shared start of the run commands: log to stderr, validate the overrides and everything
+    else a run needs before anything starts (``simulations.preflight``; ``parser.error`` names what
+    is wrong), and make SIGTERM run the clean-up. ``supernodes``: the simulation's node count."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        overrides = with_absolute_results(parse_overrides(items))
+        overrides = with_absolute_results(absolute_paths(parse_overrides(items), Path.cwd()))
+        preflight(overrides, supernodes)
     except ValueError as err:
         parser.error(str(err))
     exit_on_sigterm()  # a SIGTERM still stops every process the command started
     return overrides
 
 
-def judge(code: int, run_config: Mapping[str, Any]) -> int:
-    """The command's exit code: 0 only if ``flwr run`` succeeded and the run has all its rounds."""
-    if code != 0 or not run_finished(run_config):
-        log.error("the run did not finish (flwr run exit code %d): see the ServerApp log above",
-                  code)
+def judge(code: int, run_config: Mapping[str, Any], status: str | None) -> int:
+    """The command's exit code: 0 only if ``flwr run`` succeeded, Flower says *this* run completed
+    (a refused or failed run leaves an older run's finished folder behind: that is no success),
+    and the run folder has all its rounds."""
+    if code != 0 or status != COMPLETED or not run_finished(run_config):
+        log.error("the run did not finish (flwr run exit code %d, Flower's run status %s): see "
+                  "the ServerApp log above", code, status or "unknown")
         return code or 1
     return 0
 
@@ -361,11 +417,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="key=value run-config override (repeatable)")
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
-    overrides = start_command(parser, args.run_config)
+    overrides = start_command(parser, args.run_config, args.supernodes)
     with PrivateSuperLink() as link:
         code = link.run(overrides, federation_config(args.supernodes, args.cpus_per_client,
                                                      args.gpus_per_client), args.timeout)
-    verdict = judge(code, overrides)
+    verdict = judge(code, overrides, link.status)
     if verdict == 0:
         print(final_table(overrides))
     return verdict

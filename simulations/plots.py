@@ -1,8 +1,10 @@
 """The report's plots: matplotlib figures from the tables of one or more runs.
 
 Every function takes runs grouped by ``simulations.report`` (each run has ``group``, ``tables``,
-``path`` and ``sim_rounds``) or the wide evaluation frame built from them, and returns a figure;
-seeds of a group are drawn as their mean with a min-max band.
+``path`` and ``sim_rounds``), the wide evaluation frame built from them, or the per-run final
+values (``report.final_frame``: final accuracy as the mean over the last k evaluated rounds), and
+returns a figure; seeds of a group are drawn as their mean with a 95% t-interval band or whiskers,
+and the title says n.
 """
 
 from __future__ import annotations
@@ -21,19 +23,22 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fl_maestro.results import RunStore  # noqa: E402
 from fl_maestro.shrinking import importance_from_arrays  # noqa: E402
+from simulations.stats import interval_frame  # noqa: E402
 
 if TYPE_CHECKING:
     from simulations.report import Run
 
-STATS = ["mean", "min", "max", "std", "count"]
 MB = 1e6
 
 
 def summarise(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -> pd.DataFrame:
-    """Mean, min, max, std and count of ``value`` over seeds, plus the mean of the cost columns."""
-    stats = frame.groupby(by, sort=False)[value].agg(STATS)
+    """Mean, 95% t-interval (ci-low, ci-high, ci-half), std and n of ``value`` over seeds, plus
+    the mean of the cost columns."""
+    stats = interval_frame(frame, by, value)
     costs = [c for c in ("dense-relative-macs", "relative-macs", "sim-seconds") if c in frame]
-    return stats.join(frame.groupby(by, sort=False)[costs].mean()).reset_index()
+    if not costs:
+        return stats
+    return stats.merge(frame.groupby(by, sort=False)[costs].mean().reset_index(), on=by)
 
 
 def group_colors(runs: Sequence[Run]) -> dict[str, tuple]:
@@ -45,21 +50,30 @@ def group_colors(runs: Sequence[Run]) -> dict[str, tuple]:
 
 def _line(ax, x, stats: pd.DataFrame, color, label: str | None, style: str = "-",
           marker: str = "o") -> None:
-    spread = (stats["count"] > 1).any()
+    spread = (stats["n"] > 1).any()
     if style == "none":  # separate points: whiskers instead of a band
-        err = np.vstack([stats["mean"] - stats["min"], stats["max"] - stats["mean"]])
+        err = np.vstack([stats["ci-half"], stats["ci-half"]])
         ax.errorbar(x, stats["mean"], yerr=err if spread else None, fmt=marker, color=color,
                     label=label, markersize=5, capsize=3)
         return
     ax.plot(x, stats["mean"], linestyle=style, marker=marker or None, color=color, label=label,
             markersize=4)
     if spread:
-        ax.fill_between(x, stats["min"], stats["max"], color=color, alpha=0.18, linewidth=0)
+        ax.fill_between(x, stats["ci-low"], stats["ci-high"], color=color, alpha=0.18,
+                        linewidth=0)
 
 
-def _finish(fig, axes, title: str, legend_title: str, n_seeds: int) -> None:
+def seeds_text(frame: pd.DataFrame) -> str:
+    """How many seeds each group has, as text: ``"5"`` or ``"3-5"``."""
+    n = frame.groupby("group")["run"].nunique()
+    return f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
+
+
+def _finish(fig, axes, title: str, legend_title: str, frame: pd.DataFrame) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
-    band = f"\n(mean over {n_seeds} seeds; band or whiskers: min-max)" if n_seeds > 1 else ""
+    n = seeds_text(frame)
+    band = (f"\n(mean over n = {n} seeds per group; band or whiskers: 95% t-interval)"
+            if n != "1" else "\n(n = 1 seed per group: no interval)")
     fig.suptitle(title + band)
     if handles:
         fig.legend(handles, labels, title=legend_title or None, loc="outside lower center",
@@ -68,48 +82,54 @@ def _finish(fig, axes, title: str, legend_title: str, n_seeds: int) -> None:
         ax.grid(alpha=0.3)
 
 
-def plot_accuracy_vs_fraction(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Final-round accuracy of the global model run at each rank fraction."""
+def final_label(finals: pd.DataFrame) -> str:
+    """Axis label of the final accuracy the frame holds (mean over its last k evaluated rounds)."""
+    k = finals.attrs.get("k", 1)
+    return "test accuracy (final round)" if k == 1 else \
+        f"test accuracy (mean of the last {k} evaluated rounds)"
+
+
+def plot_accuracy_vs_fraction(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
+    """Final accuracy of the global model run at each rank fraction."""
     fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-    for group, stats in summarise(wide[wide["final"] & (wide["kind"] == "fraction")],
+    for group, stats in summarise(finals[finals["kind"] == "fraction"],
                                   ["group", "level"]).groupby("group", sort=False):
         _line(ax, stats["level"], stats, colors[group], group)
-    ax.set(xlabel="rank fraction of every low-rank layer", ylabel="test accuracy (final round)",
+    ax.set(xlabel="rank fraction of every low-rank layer", ylabel=final_label(finals),
            xlim=(0, 1.05))
     _finish(fig, [ax], "Accuracy of the final global model at each rank fraction", legend,
-            wide["seed"].nunique())
+            finals)
     return fig
 
 
-def plot_tier_accuracy(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
+def plot_tier_accuracy(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
     """Grouped bars: final accuracy of each budget tier's sub-model, one bar colour per group."""
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    stats = summarise(wide[wide["final"] & (wide["kind"] == "tier")], ["group", "level"])
+    stats = summarise(finals[finals["kind"] == "tier"], ["group", "level"])
     tiers = sorted(stats["level"].unique())
     groups = list(dict.fromkeys(stats["group"]))
     width = 0.8 / len(groups)
     for i, group in enumerate(groups):
         mine = stats[stats["group"] == group].set_index("level").reindex(tiers)
         x = np.arange(len(tiers)) + (i - (len(groups) - 1) / 2) * width
-        err = np.vstack([mine["mean"] - mine["min"], mine["max"] - mine["mean"]])
-        bars = ax.bar(x, mine["mean"], width, yerr=err if (mine["count"] > 1).any() else None,
+        bars = ax.bar(x, mine["mean"], width,
+                      yerr=mine["ci-half"] if (mine["n"] > 1).any() else None,
                       color=colors[group], label=group, capsize=3)
         if len(groups) <= 4:
             ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(np.arange(len(tiers)), [str(float(t)) for t in tiers])
     ax.set(xlabel="device budget tier (fraction of the full model's cost)",
-           ylabel="test accuracy (final round)", ylim=(0, 1))
+           ylabel=final_label(finals), ylim=(0, 1))
     _finish(fig, [ax], "Final accuracy of the sub-model each budget tier receives", legend,
-            wide["seed"].nunique())
+            finals)
     return fig
 
 
-def plot_pareto(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
+def plot_pareto(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
     """Accuracy against inference MACs relative to the dense model (fractions and tiers)."""
     fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-    final = wide[wide["final"]]
     for kind, style, marker in (("fraction", "-", "o"), ("tier", "none", "s")):
-        stats = summarise(final[final["kind"] == kind], ["group", "level"])
+        stats = summarise(finals[finals["kind"] == kind], ["group", "level"])
         for group, mine in stats.groupby("group", sort=False):
             _line(ax, mine["dense-relative-macs"], mine, colors[group],
                   group if kind == "fraction" else None, style, marker)
@@ -118,9 +138,8 @@ def plot_pareto(wide: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
     ax.plot([], [], "ko-", markersize=4, label="rank fraction (line)")
     ax.plot([], [], "ks", markersize=4, label="budget tier (square)")
     ax.set(xlabel="inference MACs per sample relative to the dense (undecomposed) model",
-           ylabel="test accuracy (final round)")
-    _finish(fig, [ax], "Accuracy vs inference cost of the final global model", legend,
-            wide["seed"].nunique())
+           ylabel=final_label(finals))
+    _finish(fig, [ax], "Accuracy vs inference cost of the final global model", legend, finals)
     return fig
 
 
@@ -146,15 +165,15 @@ def plot_accuracy_over_time(wide: pd.DataFrame, legend: str, colors: dict) -> pl
         axes[0].plot([], [], "k" + style, label=f"rank fraction {level:g}")
     axes[0].set(xlabel="round", ylabel="test accuracy of the global model")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].set(xlabel=f"simulated device time ({unit}, slowest client per round)")
+    axes[1].set(xlabel=f"simulated device time ({unit}, the run's own clock)")
     _finish(fig, axes, "Accuracy of the global model over training, by round and by simulated "
-            "device time", legend, wide["seed"].nunique())
+            "device time", legend, wide)
     return fig
 
 
 def plot_communication(runs: Sequence[Run], legend: str, colors: dict) -> plt.Figure:
     """Per-client traffic by budget tier and total traffic per round."""
-    frames = [r.tables["clients"].assign(group=r.group, seed=r.seed)
+    frames = [r.tables["clients"].assign(group=r.group, seed=r.seed, run=r.name)
               for r in runs if not r.tables["clients"].empty]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
     clients = pd.concat(frames, ignore_index=True)
@@ -165,16 +184,16 @@ def plot_communication(runs: Sequence[Run], legend: str, colors: dict) -> plt.Fi
         mine = clients[clients["group"] == group].groupby("budget")["MB"].mean().reindex(tiers)
         x = np.arange(len(tiers)) + (i - (len(groups) - 1) / 2) * width
         axes[0].bar(x, mine, width, color=colors[group], label=group)
-        total = clients[clients["group"] == group].groupby(["seed", "round"])["MB"].sum()
-        per_round = total.groupby("round").agg(STATS)
-        _line(axes[1], per_round.index, per_round, colors[group], None)
+        total = clients[clients["group"] == group].groupby(["run", "round"])["MB"].sum()
+        per_round = summarise(total.reset_index(), ["round"], "MB")
+        _line(axes[1], per_round["round"], per_round, colors[group], None)
     axes[0].set_xticks(np.arange(len(tiers)), [str(float(t)) for t in tiers])
     axes[0].set(xlabel="device budget tier", ylabel="MB per client per round (down + up)")
     axes[1].set(xlabel="round", ylabel="MB per round, all sampled clients (down + up)")
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_ylim(bottom=0)
     _finish(fig, axes, "Communication: traffic per client by tier (left) and per round (right)",
-            legend, clients["seed"].nunique())
+            legend, clients)
     return fig
 
 
@@ -207,7 +226,8 @@ def plot_importance(runs: Sequence[Run], legend: str, colors: dict) -> plt.Figur
     for ax in axes.flat[len(layers):]:
         ax.set_visible(False)
     _finish(fig, list(axes.flat), "Importance spectrum of each low-rank layer "
-            "(last checkpoint, log scale)", legend, 1)
+            "(last checkpoint of each group's first seed, log scale)", legend,
+            pd.DataFrame({"group": list(spectra), "run": list(spectra)}))
     return fig
 
 

@@ -185,13 +185,16 @@ def _kill(pid: int, sig: int, group: bool = False) -> None:
 
 def run_on_cluster(cluster: RayCluster, run_config: Mapping[str, Any], supernodes: int,
                    cpus_per_client: int = 1, gpus_per_client: float = 0,
-                   flwr_home: str | Path | None = None, timeout: float | None = None) -> int:
-    """One ``flwr run .`` on a private SuperLink whose simulation attaches to ``cluster``."""
+                   flwr_home: str | Path | None = None, timeout: float | None = None
+                   ) -> tuple[int, str | None]:
+    """One ``flwr run .`` on a private SuperLink whose simulation attaches to ``cluster``; its
+    exit code and Flower's final status of the run."""
     link = PrivateSuperLink(flwr_home)
     link.env["RAY_ADDRESS"] = cluster.address  # ray.init() in the simulation attaches to it
     with link:
-        return link.run(run_config, federation_config(supernodes, cpus_per_client,
+        code = link.run(run_config, federation_config(supernodes, cpus_per_client,
                                                       gpus_per_client), timeout)
+        return code, link.status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="key=value run-config override (repeatable)")
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
-    overrides = start_command(parser, args.run_config)
+    overrides = start_command(parser, args.run_config, args.supernodes)
     with RayCluster(args.workers, args.cpus_per_node) as cluster:
-        code = run_on_cluster(cluster, overrides, args.supernodes, timeout=args.timeout)
+        code, status = run_on_cluster(cluster, overrides, args.supernodes, timeout=args.timeout)
         used = {a["node"] for a in cluster.actors() if a["class"] == "ClientAppActor"}
         log.info("client actors ran on %d of %d nodes", len(used), 1 + args.workers)
-    return judge(code, overrides)
+    return judge(code, overrides, status)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 """Plots and one offline HTML page from run folders and sweep folders.
 
     python -m simulations.report results/sweeps/budget-mixes --out results/reports/budget-mixes
-    fl-maestro-report results/run-a results/run-b --devices devices.toml --deadline 30
+    fl-maestro-report results/run-a results/run-b
 
 Runs are grouped by the config keys that differ between them (seed aside; ``supernodes`` from a
-sweep cell's ``cell.json`` too); a group's seeds are drawn as their mean with a min-max band.
-Each plot is written as PNG and PDF, and ``report.html`` embeds the PNGs and the tables.
+sweep cell's ``cell.json`` too); a group's seeds are drawn and tabled as their mean with a 95%
+t-interval and n (``simulations.stats``). Final accuracy is the mean over the last ``--last-k``
+evaluated rounds (default 5), with the last round beside it in the tables; groups are compared
+with ``--baseline`` (default: the first group) by differences paired on the seed, and every tier
+with its group's lowest tier by differences paired on the run. Every run is judged converged or
+not (``--slope-threshold``). Where runs kept their per-component table, coverage, movement from
+init and importance spectra are drawn (``simulations.diagnostics``). Each plot is written as PNG
+and PDF, and ``report.html`` embeds the PNGs and the tables; the tables are also saved as CSV.
+Simulated time is each run's own clock (``rounds.csv``: ``sim-time`` at each round's end), which
+its device world moved during the run (``fl_maestro.world``).
 """
 
 from __future__ import annotations
@@ -23,12 +31,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fl_maestro.devices import parse_profiles, profiles_for, profiles_frame
 from fl_maestro.results import TABLES, RunStore
-from simulations.devices import (load_profiles, profiles_for, profiles_frame,
-                                 simulate, time_at_rounds)
+from fl_maestro.world import OUTCOMES
+from simulations.diagnostics import (components_frame, coverage_table, full_budget_clients,
+                                     plot_coverage, plot_full_budget_clients, plot_movement)
 from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accuracy_vs_fraction,
                                plot_communication, plot_importance, plot_pareto,
-                               plot_tier_accuracy, save_figure, summarise)
+                               plot_tier_accuracy, save_figure)
+from simulations.stats import LAST_K, SLOPE_THRESHOLD
+from simulations.summary import (NOTES, default_baseline, final_frame, final_table,
+                                 group_differences, run_convergence, tier_differences)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +58,6 @@ class Run:
     seed: int
     tables: dict[str, pd.DataFrame]
     group: str = ""
-    sim_rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
     axes: dict = field(default_factory=dict)  # a sweep cell's axis labels (cell.json)
 
 
@@ -124,13 +136,15 @@ def group_runs(runs: Sequence[Run]) -> str:
     return varying[0] if len(varying) == 1 else ""
 
 
-def add_sim_time(runs: Sequence[Run], overrides: dict | None, deadline: float | None,
-                 rng: np.random.Generator) -> None:
-    """Simulated device time per round (``devices.simulate``) for every run with client rows."""
-    for run in runs:
-        clients = run.tables["clients"]
-        if not clients.empty:
-            _, run.sim_rounds = simulate(clients, overrides, deadline, rng)
+def time_at_rounds(rounds: pd.DataFrame, at: Sequence[int]) -> np.ndarray:
+    """The run's simulated clock after each round in ``at`` (0 before round 1; NaN for a run
+    made before the clock was recorded)."""
+    if "sim-time" not in rounds:
+        return np.full(len(at), np.nan)
+    clock = rounds.set_index("round")["sim-time"]
+    clock = pd.concat([pd.Series({0: 0.0}), clock[clock.index > 0]]).sort_index()
+    positions = clock.index.searchsorted(np.asarray(list(at)), side="right") - 1
+    return clock.to_numpy()[np.clip(positions, 0, None)]
 
 
 # --------------------------------------------------------------------------- tables
@@ -146,7 +160,7 @@ def evaluation_wide(runs: Sequence[Run]) -> pd.DataFrame:
         wide = ev.pivot_table(index=["round", "kind", "level"], columns="metric",
                               values="value").reset_index()
         wide["final"] = wide["round"] == wide["round"].max()
-        sim = time_at_rounds(run.sim_rounds, wide["round"]) if not run.sim_rounds.empty else np.nan
+        sim = time_at_rounds(run.tables["rounds"], wide["round"].tolist())
         frames.append(wide.assign(group=run.group, run=run.name, seed=run.seed,
                                   **{"sim-seconds": sim}))
     if not frames:
@@ -154,29 +168,58 @@ def evaluation_wide(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def final_table(wide: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Final-round accuracy per group and tier (``kind="tier"``) or rank fraction, over seeds."""
-    rows = summarise(wide[wide["final"] & (wide["kind"] == kind)], ["group", "level"])
-    rows = rows.rename(columns={"level": "budget" if kind == "tier" else "rank fraction",
-                                "mean": "accuracy", "min": "accuracy min", "max": "accuracy max",
-                                "std": "accuracy std", "count": "seeds"})
-    return rows.drop(columns=["sim-seconds"], errors="ignore")
-
-
-def runs_table(runs: Sequence[Run], wide: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: group, seed, rounds, final full-rank accuracy and simulated time."""
+def runs_table(runs: Sequence[Run], wide: pd.DataFrame, converged: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: group, seed, rounds, final full-rank accuracy, simulated time, what
+    became of the sampled clients, and whether it converged."""
     rows = []
     for run in runs:
         mine = wide[(wide["run"] == run.name) & wide["final"] & (wide["kind"] == "fraction")]
         full = mine.loc[mine["level"].idxmax(), "accuracy"] if len(mine) else np.nan
-        sim = run.sim_rounds
+        rounds = run.tables["rounds"]
+        counts = {f"dropped-{o}": int(rounds[f"dropped-{o}"].sum()) if f"dropped-{o}" in rounds
+                  else 0 for o in OUTCOMES[2:]}
         rows.append({"run": run.name, "group": run.group, "seed": run.seed,
                      "rounds": int(run.tables["evaluation"]["round"].max()),
                      "full-rank accuracy": full,
-                     "simulated seconds": sim["sim-seconds"].sum() if len(sim) else np.nan,
-                     "stragglers": int(sim["stragglers"].sum()) if len(sim) else 0,
-                     "dropped out": int(sim["dropped-out"].sum()) if len(sim) else 0})
-    return pd.DataFrame(rows)
+                     "simulated seconds": float(rounds["sim-time"].max())
+                     if "sim-time" in rounds else np.nan,
+                     "partial": int(rounds["partial"].sum()) if "partial" in rounds else 0,
+                     **counts})
+    return pd.DataFrame(rows).merge(converged, on="run", how="left")
+
+
+def outcomes_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """Per group and budget tier: sampled clients and the share of each outcome (over seeds)."""
+    frames = [r.tables["clients"].assign(group=r.group) for r in runs
+              if "outcome" in r.tables["clients"]]
+    if not frames:
+        return pd.DataFrame()
+    clients = pd.concat(frames, ignore_index=True)
+    shares = pd.crosstab([clients["group"], clients["budget"]], clients["outcome"],
+                         normalize="index")
+    shares = shares.reindex(columns=[o for o in OUTCOMES if o in shares.columns])
+    sampled = clients.groupby(["group", "budget"]).size().rename("sampled")
+    steps = clients.groupby(["group", "budget"]).apply(
+        lambda g: g["steps"].sum() / g["planned-steps"].sum(), include_groups=False)
+    table = pd.concat([sampled, shares, steps.rename("steps done / planned")], axis=1)
+    order = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in runs))}
+    return table.reset_index().sort_values(["group", "budget"], key=lambda c: c.map(order)
+                                           if c.name == "group" else c)
+
+
+def profiles_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """The device profiles the runs used, one block per distinct ``device-profiles`` value."""
+    frames = []
+    for text in dict.fromkeys(str(r.config.get("device-profiles", "")) for r in runs):
+        budgets = sorted({float(b) for r in runs if str(r.config.get("device-profiles", "")) == text
+                          for b in r.tables["clients"].get("budget", pd.Series(dtype=float))})
+        try:
+            frame = profiles_frame(profiles_for(budgets, parse_profiles(text)))
+        except ValueError as err:  # e.g. a profile file no longer where the run read it
+            log.warning("device profiles %r: %s", text, err)
+            continue
+        frames.append(frame.assign(**{"device-profiles": text or "(defaults)"}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def write_html(out: Path, title: str, notes: Sequence[str],
@@ -184,6 +227,8 @@ def write_html(out: Path, title: str, notes: Sequence[str],
     """One self-contained page: notes, then tables as HTML and PNGs embedded as base64, in order."""
     parts = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(n)}</p>" for n in notes)]
     for caption, item in sections:
+        if isinstance(item, pd.DataFrame) and item.empty:
+            continue  # e.g. no outcome rows in runs made before the device world
         parts.append(f"<h2>{html.escape(caption)}</h2>")
         if isinstance(item, pd.DataFrame):
             parts.append(item.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
@@ -201,48 +246,105 @@ def write_html(out: Path, title: str, notes: Sequence[str],
 
 PLOTS = (("accuracy-vs-fraction", "Accuracy vs rank fraction", plot_accuracy_vs_fraction),
          ("tier-accuracy", "Accuracy per budget tier", plot_tier_accuracy),
-         ("pareto", "Accuracy vs MACs", plot_pareto),
-         ("accuracy-over-time", "Accuracy vs round and simulated time", plot_accuracy_over_time))
+         ("pareto", "Accuracy vs MACs", plot_pareto))
 
 
-def build_report(paths: Sequence[str | Path], out: str | Path, devices: dict | None = None,
-                 deadline: float | None = None, rng: np.random.Generator | None = None) -> Path:
-    """Load runs, draw every plot (PNG + PDF) and write ``report.html`` under ``out``."""
+def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAST_K,
+                 baseline: str | None = None, slope_threshold: float = SLOPE_THRESHOLD) -> Path:
+    """Load runs, draw every plot (PNG + PDF) and write ``report.html`` (and the tables as CSV)
+    under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(paths)
     legend = group_runs(runs)
     colors = group_colors(runs)
-    add_sim_time(runs, devices, deadline, rng or np.random.default_rng(0))
     wide = evaluation_wide(runs)
-    images = [(caption, save_figure(plot(wide, legend, colors), out, name))
-              for name, caption, plot in PLOTS]
-    if any(not r.tables["clients"].empty for r in runs):
-        images.append(("Communication", save_figure(plot_communication(runs, legend, colors), out,
-                                                    "communication")))
-    importance = plot_importance(runs, legend, colors)
-    if importance is not None:
-        images.append(("Importance spectrum", save_figure(importance, out, "importance")))
-    budgets = pd.concat([r.tables["clients"].get("budget", pd.Series(dtype=float)) for r in runs])
-    sections = [("Final accuracy per budget tier", final_table(wide, "tier")), *images,
-                ("Final accuracy per rank fraction", final_table(wide, "fraction")),
-                ("Runs", runs_table(runs, wide)),
-                ("Device profiles of the simulated time", profiles_frame(profiles_for(budgets,
-                                                                                      devices)))]
-    page = write_html(out, "fl-maestro report", _notes(paths, runs, legend, deadline), sections)
+    finals = final_frame(wide, last_k)
+    converged = run_convergence(wide, threshold=slope_threshold)
+    tables = _tables(runs, wide, finals, converged, baseline)
+    images = _images(runs, wide, finals, legend, colors, out)
+    tables += [("outcomes", "What became of the sampled clients, per budget tier (shares of "
+                "sampled)", outcomes_table(runs)),
+               ("device-profiles", "Device profiles of the simulated clock", profiles_table(runs))]
+    for name, _, table in tables:
+        table.to_csv(out / f"{name}.csv", index=False)
+    heads = sum(name in ("final-tier", "tier-differences", "group-differences")
+                for name, _, _ in tables)
+    order = [(caption, table) for _, caption, table in tables]
+    sections = [*order[:heads], *images, *order[heads:]]
+    notes = _notes(paths, runs, legend, last_k, slope_threshold)
+    page = write_html(out, "fl-maestro report", notes, sections)
     log.info("wrote %d plots and %s", len(images), page)
     return page
 
 
-def _notes(paths: Sequence[str | Path], runs: Sequence[Run], legend: str,
-           deadline: float | None) -> list[str]:
+def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,
+            converged: pd.DataFrame, baseline: str | None) -> list[tuple[str, str, pd.DataFrame]]:
+    """The report's tables as (file name, caption, table), in page order."""
+    tables = [("final-tier", "Final accuracy per budget tier",
+               final_table(finals, "tier", converged))]
+    tiers = tier_differences(finals)
+    if not tiers.empty:
+        tables.append(("tier-differences",
+                       "Each tier minus its group's lowest tier (paired by run)", tiers))
+    if finals["group"].nunique() > 1:
+        base = baseline or default_baseline(finals)
+        tables.append(("group-differences", f"Each group minus {base} (paired by seed)",
+                       group_differences(finals, base)))
+    components = components_frame(runs)
+    if not components.empty:
+        tables.append(("coverage", "Coverage per layer",
+                       coverage_table(components, full_budget_clients(runs))))
+    tables += [("final-fraction", "Final accuracy per rank fraction",
+                final_table(finals, "fraction", converged)),
+               ("runs", "Runs", runs_table(runs, wide, converged))]
+    return tables
+
+
+def _images(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame, legend: str,
+            colors: dict, out: Path) -> list[tuple[str, Path]]:
+    """Every plot the runs allow, saved under ``out``: (caption, PNG path) pairs."""
+    figures = [(caption, name, plot(finals, legend, colors)) for name, caption, plot in PLOTS]
+    figures.append(("Accuracy vs round and simulated time", "accuracy-over-time",
+                    plot_accuracy_over_time(wide, legend, colors)))
+    if any(not r.tables["clients"].empty for r in runs):
+        figures.append(("Communication", "communication",
+                        plot_communication(runs, legend, colors)))
+        full = full_budget_clients(runs)
+        if not full.empty:
+            figures.append(("Full-budget clients per round", "full-budget-clients",
+                            plot_full_budget_clients(full, colors)))
+    components = components_frame(runs)
+    if not components.empty:
+        figures.append(("Coverage", "coverage", plot_coverage(components, colors)))
+        movement = plot_movement(components, colors)
+        if movement is not None:
+            figures.append(("Movement from initialisation and importance", "movement", movement))
+    importance = plot_importance(runs, legend, colors)
+    if importance is not None:
+        figures.append(("Importance spectrum", "importance", importance))
+    return [(caption, save_figure(fig, out, name)) for caption, name, fig in figures]
+
+
+def _notes(paths: Sequence[str | Path], runs: Sequence[Run], legend: str, last_k: int,
+           slope_threshold: float) -> list[str]:
     groups = sorted({r.group for r in runs})
+    policies = sorted({f"{r.config.get('deadline-policy', 'wait')}"
+                       + (f" at {r.config['round-deadline']:g} s"
+                          if r.config.get("deadline-policy", "wait") != "wait" else "")
+                       for r in runs})
     return [f"Inputs: {', '.join(map(str, paths))} ({len(runs)} runs, {len(groups)} groups).",
             f"Groups: runs differ in {legend or 'the keys named in each group label'}; seed aside. "
-            "Accuracy is the mean over a group's seeds, min/max/std across them.",
-            "Simulated time is a post-hoc model (simulations.devices): each round lasts as long as "
-            "its slowest client; " + (f"deadline {deadline:g} s (stragglers are counted, not "
-            "removed from the merged model)." if deadline else "no deadline.")]
+            f"Final accuracy is the mean over each run's last {last_k} evaluated rounds (the "
+            "last round alone beside it), then the mean over the group's seeds.",
+            NOTES,
+            f"Converged: the slope of the run's accuracy (mean over its tiers), smoothed by a "
+            f"trailing mean of 5 evaluated rounds and fitted over its last fifth of rounds, is "
+            f"under {slope_threshold:g} per round in size.",
+            "Simulated time is each run's own clock (fl_maestro.world): a round lasts until its "
+            "last merged reply, until the deadline when a reply it waits for is missing, or as "
+            "long as its slowest client without a deadline. Deadline policies here: "
+            f"{', '.join(policies)}."]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,15 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run folders or sweep folders")
     parser.add_argument("--out", type=Path, help="output folder (default <first path>/report)")
-    parser.add_argument("--devices", help="TOML of per-tier device profiles (simulations.devices)")
-    parser.add_argument("--deadline", type=float, help="round deadline in simulated seconds")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated dropouts")
+    parser.add_argument("--last-k", type=int, default=LAST_K,
+                        help="final accuracy: mean over this many last evaluated rounds")
+    parser.add_argument("--baseline", help="group the others are compared with (default: first)")
+    parser.add_argument("--slope-threshold", type=float, default=SLOPE_THRESHOLD,
+                        help="converged: |slope| of the smoothed accuracy per round under this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        page = build_report(args.paths, args.out or Path(args.paths[0]) / "report",
-                            load_profiles(args.devices), args.deadline,
-                            np.random.default_rng(args.seed))
+        page = build_report(args.paths, args.out or Path(args.paths[0]) / "report", args.last_k,
+                            args.baseline, args.slope_threshold)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     print(page)

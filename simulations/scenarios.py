@@ -88,10 +88,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("strategies", "rank-wise Maestro against the FedAvg, FjORD and HeteroFL baselines",
              axes=(axis("strategy", STRATEGY_NAMES),)),
     Scenario("comparison", "the reference comparison: rank-wise with and without Maestro's "
-             "distillation and HGL against the five baselines, equal budgets, 3 seeds",
-             overrides={"num-rounds": 15, "eval-every": 5}, seeds=(0, 1, 2),
+             "distillation and HGL against the five baselines, equal budgets, 5 seeds; run it "
+             "with --until-converged (its num-rounds is the first chunk)",
+             overrides={"num-rounds": 40, "eval-every": 5}, seeds=(0, 1, 2, 3, 4),
              axes=(grouped_axis("method", {
-                 "rankwise": {"strategy": "rankwise"},
+                 "rankwise": {"strategy": "rankwise"},  # Maestro's loss (the default)
+                 "rankwise-plain-od": {"strategy": "rankwise", "distill": False},
                  "rankwise-distill-hgl": {"strategy": "rankwise", "distill": True,
                                           "hgl-lambda": 1e-4},
                  "fedavg-full": {"strategy": "fedavg-full"},
@@ -99,13 +101,27 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                  "fedavg-exclusive": {"strategy": "fedavg-exclusive"},
                  "fjord": {"strategy": "fjord"},
                  "heterofl": {"strategy": "heterofl"}}),)),
-    Scenario("reference", "budget mixes x non-IID levels for the rank-wise strategy",
-             overrides={"num-rounds": 10, "eval-every": 5},
+    Scenario("reference", "budget mixes x non-IID levels for the rank-wise strategy, 5 seeds; "
+             "run it with --until-converged (its num-rounds is the first chunk)",
+             overrides={"num-rounds": 40, "eval-every": 5}, seeds=(0, 1, 2, 3, 4),
              axes=(axis("device-mix", DEVICE_MIXES[1:]),
                    grouped_axis("non-iid", {
                        "iid": {"partitioner": "iid"},
                        "dirichlet-0.5": {"partitioner": "dirichlet", "alpha": 0.5},
                        "dirichlet-0.1": {"partitioner": "dirichlet", "alpha": 0.1}}))),
+    Scenario("schedule", "learning-rate decay x local epochs for the default experiment: which "
+             "converges, how high, in how many rounds (run with --until-converged)",
+             overrides={"num-rounds": 40, "eval-every": 5},
+             axes=(axis("lr-decay", (1.0, 0.98, 0.95)), axis("local-epochs", (1, 2)))),
+    Scenario("deadlines", "round deadlines x policy on the default setup: who a deadline drops, "
+             "what partial work buys, and the simulated time it saves (10 rounds, one seed)",
+             overrides={"num-rounds": 10, "eval-every": 5},
+             axes=(grouped_axis("deadline", {
+                 "wait": {"deadline-policy": "wait"},
+                 "drop-2.5s": {"deadline-policy": "drop", "round-deadline": 2.5},
+                 "partial-2.5s": {"deadline-policy": "partial", "round-deadline": 2.5},
+                 "drop-4s": {"deadline-policy": "drop", "round-deadline": 4.0},
+                 "partial-4s": {"deadline-policy": "partial", "round-deadline": 4.0}}),)),
     Scenario("smoke", "a two-cell end-to-end check: digits, 4 clients, 2 rounds (about 2 min)",
              overrides={"dataset": "digits", "num-rounds": 2, "clients-per-round": 3,
                         "eval-samples": 0}, supernodes=4,

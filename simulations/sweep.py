@@ -33,9 +33,12 @@ from typing import Any
 import pandas as pd
 
 from fl_maestro.config import RunConfig, parse_run_config
+from fl_maestro.world import load_world
 from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
 from simulations.scenarios import SUPERNODES, Axis, Level, Scenario, get_scenario, label
+from simulations.stats import SLOPE_THRESHOLD
+from simulations.until import Until, with_rounds
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,7 @@ def _make_cell(scenario: Scenario, axes: Mapping[str, str], values: Mapping[str,
     run_config = {**values, "seed": seed, "results-dir": str(out_dir.resolve()), "run-name": cid}
     try:
         cfg = parse_run_config(run_config)
+        load_world(cfg)  # reads the device profile and availability files
     except ValueError as exc:
         raise ValueError(f"scenario {scenario.name!r}, cell {cid}: {exc}") from None
     _check_supernodes(supernodes, cfg, cid)
@@ -191,19 +195,22 @@ def check_existing(cells: Sequence[Cell], out_dir: Path) -> None:
                          "choose another --out or remove those cell folders")
 
 
-def run_sweep(cells: Sequence[Cell], run_cell: RunCell, out_dir: Path) -> pd.DataFrame:
-    """Run every unfinished cell through ``run_cell``; returns (and writes) the cells table."""
+def run_sweep(cells: Sequence[Cell], run_cell: RunCell, out_dir: Path,
+              until: Until | None = None) -> pd.DataFrame:
+    """Run every unfinished cell through ``run_cell``; returns (and writes) the cells table.
+
+    With ``until`` a cell is finished only once it converged or reached the cap."""
     check_existing(cells, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_cells(out_dir)
-    records = {c.cell_id: _record(c, out_dir, previous.get(c.cell_id, {})) for c in cells}
+    records = {c.cell_id: _record(c, out_dir, previous.get(c.cell_id, {}), until) for c in cells}
     todo = [c for c in cells if records[c.cell_id]["status"] != "done"]
     log.info("%d cells: %d already done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     _write_cells(out_dir, records)
     started = time.monotonic()
     for i, cell in enumerate(todo, 1):
         log.info("cell %d/%d: %s", i, len(todo), cell.cell_id)
-        records[cell.cell_id] = _run_one(cell, run_cell, out_dir)
+        records[cell.cell_id] = _run_one(cell, run_cell, out_dir, until)
         _write_cells(out_dir, records)
         gather(cells, out_dir)
         _log_progress(records, i, len(todo), started)
@@ -212,19 +219,27 @@ def run_sweep(cells: Sequence[Cell], run_cell: RunCell, out_dir: Path) -> pd.Dat
     return pd.DataFrame(records.values())
 
 
-def _record(cell: Cell, out_dir: Path, previous: Mapping[str, Any]) -> dict[str, Any]:
+def _record(cell: Cell, out_dir: Path, previous: Mapping[str, Any],
+            until: Until | None = None) -> dict[str, Any]:
     state, rnd = cell_state(out_dir / cell.cell_id, cell.num_rounds)
     status = {"done": "done", "partial": "partial"}.get(state, "pending")
+    extra = {}
+    if until is not None and state == "done":
+        verdict = until.verdict(out_dir / cell.cell_id)
+        extra = {"converged": verdict.converged, "tail-slope": verdict.slope}
+        if until.target(cell, rnd, out_dir / cell.cell_id) is not None:
+            status = "partial"
     kept = previous.get("status") == status and status != "pending"
     return {"cell-id": cell.cell_id, **cell.axes, "seed": cell.seed, "supernodes": cell.supernodes,
-            "status": status, "rounds": rnd, "num-rounds": cell.num_rounds,
+            "status": status, "rounds": rnd, "num-rounds": cell.num_rounds, **extra,
             "seconds": previous.get("seconds") if kept else None,
             "error": previous.get("error") if kept and status != "done" else None}
 
 
-def _run_one(cell: Cell, run_cell: RunCell, out_dir: Path) -> dict[str, Any]:
+def _run_one(cell: Cell, run_cell: RunCell, out_dir: Path, until: Until | None
+             ) -> dict[str, Any]:
     run_dir = out_dir / cell.cell_id
-    state, _ = cell_state(run_dir, cell.num_rounds)
+    state, rounds = cell_state(run_dir, cell.num_rounds)
     if state == "new":  # tables left by a run that died before its first checkpoint
         for name in STALE_FILES:
             (run_dir / name).unlink(missing_ok=True)
@@ -234,11 +249,11 @@ def _run_one(cell: Cell, run_cell: RunCell, out_dir: Path) -> dict[str, Any]:
          SUPERNODES: cell.supernodes}, indent=1))
     start, error = time.monotonic(), None
     try:
-        code = run_cell(cell, state == "partial")
+        code = _run_to_the_end(cell, run_cell, run_dir, rounds, until)
     except Exception as exc:  # a broken cell must not stop the sweep
         log.exception("cell %s raised", cell.cell_id)
         code, error = None, f"{type(exc).__name__}: {exc}"
-    record = _record(cell, out_dir, {})
+    record = _record(cell, out_dir, {}, until)
     record["seconds"] = round(time.monotonic() - start, 1)
     if record["status"] != "done":
         record["status"] = "failed"
@@ -248,6 +263,23 @@ def _run_one(cell: Cell, run_cell: RunCell, out_dir: Path) -> dict[str, Any]:
                                     f"of {cell.num_rounds}: the ServerApp failed, see its log")
         log.error("cell %s failed: %s", cell.cell_id, record["error"])
     return record
+
+
+def _run_to_the_end(cell: Cell, run_cell: RunCell, run_dir: Path, rounds: int | None,
+                    until: Until | None) -> int:
+    """Run the cell to its rounds and, with ``until``, on until it is finished; the exit code."""
+    target = cell.num_rounds if until is None else until.target(cell, rounds, run_dir)
+    code = 0
+    while target is not None:
+        code = run_cell(with_rounds(cell, target), rounds is not None)
+        rounds = RunStore(run_dir).checkpoint_round()
+        if code != 0 or rounds is None or rounds < target or until is None:
+            break
+        target = until.target(cell, rounds, run_dir)
+        if target is not None:
+            log.info("cell %s not converged after %d rounds: on to %d", cell.cell_id, rounds,
+                     target)
+    return code
 
 
 def _log_progress(records: Mapping[str, Mapping], i: int, n: int, started: float) -> None:
@@ -297,52 +329,6 @@ def gather(cells: Sequence[Cell], out_dir: Path) -> dict[str, pd.DataFrame]:
     return gathered
 
 
-# --------------------------------------------------------------------------- Flower
-
-
-class FlowerCells:
-    """``run_cell`` over Flower: one private SuperLink for the sweep, restarted after a failure.
-
-    Starting a SuperLink costs seconds and every cell is its own ``flwr run`` with its own
-    federation config, so consecutive cells share one. A failed or timed-out cell may leave its run
-    alive inside the SuperLink, so the next cell gets a fresh one.
-    """
-
-    def __init__(self, cpus_per_client: int = 1, timeout: float | None = None) -> None:
-        self.cpus_per_client, self.timeout = cpus_per_client, timeout
-        self.link = None
-
-    def __enter__(self) -> FlowerCells:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __call__(self, cell: Cell, resume: bool) -> int:
-        """Run one cell as ``flwr run``; its exit code."""
-        from simulations.launch import PrivateSuperLink, federation_config
-
-        if self.link is None:
-            link = PrivateSuperLink()
-            try:
-                link.start()
-            except BaseException:
-                link.stop()
-                raise
-            self.link = link
-        code = self.link.run({**cell.run_config, "resume": resume},
-                             federation_config(cell.supernodes, self.cpus_per_client), self.timeout)
-        if code != 0:
-            self.close()
-        return code
-
-    def close(self) -> None:
-        """Stop the SuperLink, if one runs."""
-        if self.link is not None:
-            self.link.stop()
-            self.link = None
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -372,6 +358,7 @@ def write_sweep_info(out: Path, scenario: Scenario, seeds: Sequence[int]) -> Non
 def main(argv: list[str] | None = None) -> int:
     """Command line: run (or list, with --dry-run) a scenario's sweep."""
     from simulations.launch import exit_on_sigterm, parse_overrides
+    from simulations.runners import FlowerCells, InProcessCells
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", help="a name from simulations.scenarios.SCENARIOS")
@@ -381,7 +368,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="run-config override for every cell, or pin an axis (repeatable)")
     parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="CPUs per client actor (Flower takes an integer)")
-    parser.add_argument("--timeout", type=float, help="seconds one cell may run")
+    parser.add_argument("--timeout", type=float, help="seconds one run of a cell may take")
+    parser.add_argument("--runner", choices=("flower", "inprocess"), default="flower",
+                        help="flwr run on a private SuperLink, or simulations.inprocess")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of an inprocess cell")
+    parser.add_argument("--until-converged", type=int, metavar="CAP",
+                        help="run each cell on, --chunk rounds at a time, until it converged "
+                             "or reached CAP rounds")
+    parser.add_argument("--chunk", type=int, default=20, help="rounds added per step (default 20)")
+    parser.add_argument("--slope-threshold", type=float, default=SLOPE_THRESHOLD,
+                        help="converged: |slope| of the smoothed accuracy per round under this")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -392,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("results/sweeps") / scenario.name
         cells = build_cells(scenario, seeds, out)
         check_existing(cells, out)
+        until = (Until(args.until_converged, args.chunk, args.slope_threshold)
+                 if args.until_converged else None)
     except ValueError as exc:
         parser.error(str(exc))
     if not args.dry_run:
@@ -401,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                  "supernodes": c.supernodes} for c in cells]
         print(pd.DataFrame(rows).to_string(index=False))
         return 0
-    with FlowerCells(args.cpus_per_client, args.timeout) as runner:
-        table = run_sweep(cells, runner, out)
+    runner = (FlowerCells(args.cpus_per_client, args.timeout) if args.runner == "flower"
+              else InProcessCells(args.threads, args.timeout))
+    with runner:
+        table = run_sweep(cells, runner, out, until)
     print(table.drop(columns=["error"]).to_string(index=False))
     return 0 if (table["status"] == "done").all() else 1
 

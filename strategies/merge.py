@@ -110,14 +110,27 @@ def check_reply(
     num_examples: object,
     *,
     cut_shared: bool = False,
+    exact: bool = False,
+    max_examples: float | None = None,
 ) -> None:
-    """Return None for a reply fit to merge; raise InvalidReply with the reason otherwise."""
+    """Return None for a reply fit to merge; raise InvalidReply with the reason otherwise.
+
+    ``exact``: every array must have exactly the shape of ``global_arrays`` (what the server sent
+    this client), not just a leading corner of it. ``max_examples``: the most examples the client
+    can have trained on (its partition's size).
+    """
     _check_examples(num_examples)
+    if max_examples is not None and num_examples > max_examples:
+        raise InvalidReply(f"num_examples {num_examples!r} exceeds the {max_examples} training "
+                           "examples of this client's partition")
     if not isinstance(arrays, Mapping):
         raise InvalidReply(f"reply arrays must be a mapping, got {type(arrays).__name__}")
     _check_names(global_arrays, arrays)
     for name, g in global_arrays.items():
         _check_array(name, g, arrays[name], cut_shared)
+        if exact and arrays[name].shape != g.shape:
+            raise InvalidReply(f"{name!r}: shape {arrays[name].shape}, but the server sent "
+                               f"{g.shape}: a reply must have exactly the shapes it was sent")
     _check_factor_ranks(global_arrays, arrays)
 
 
@@ -192,32 +205,45 @@ def _check_factor_ranks(global_arrays: ArrayMap, arrays: ArrayMap) -> None:
 # --------------------------------------------------------------------------- merge
 
 
-def merge_nested(global_arrays: ArrayMap, replies: Replies) -> Arrays:
-    """Per element, the weighted mean of the replies covering it; uncovered elements stay."""
+def merge_nested(global_arrays: ArrayMap, replies: Replies,
+                 rows: Sequence[Mapping[str, np.ndarray] | None] | None = None) -> Arrays:
+    """Per element, the weighted mean of the replies covering it; uncovered elements stay.
+
+    ``rows[i]``, when given, narrows what reply ``i`` covers of the arrays it names to those
+    rows (indices on axis 0) of its corner: HeteroFL merges a client's output layer only on the
+    rows of the classes in its data.
+    """
     replies = list(replies)  # walked once per array, so a generator must not run dry
+    rows = [None] * len(replies) if rows is None else list(rows)
+    if len(rows) != len(replies):
+        raise ValueError(f"rows has {len(rows)} entries for {len(replies)} replies")
     for arrays, weight in replies:
         if not (isinstance(weight, numbers.Real) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"reply weight {weight!r} is not allowed: use a finite number > 0")
         missing = set(global_arrays) - set(arrays)
         if missing:
             raise ValueError(f"a reply lacks the arrays {sorted(missing)}")
-    return {name: _merge_array(name, g, replies) for name, g in global_arrays.items()}
+    return {name: _merge_array(name, g, replies, [r.get(name) if r else None for r in rows])
+            for name, g in global_arrays.items()}
 
 
-def _merge_array(name: str, g: np.ndarray, replies: Replies) -> np.ndarray:
+def _merge_array(name: str, g: np.ndarray, replies: Replies,
+                 rows: Sequence[np.ndarray | None]) -> np.ndarray:
     """Merge one array in O(received elements): ``acc[:a] += w*x``, ``wsum[:a] += w``."""
     if not replies:
         return g.copy()
     acc = np.zeros(g.shape, dtype=np.float64)
     wsum = np.zeros(g.shape, dtype=np.float64)
-    for arrays, weight in replies:
+    for (arrays, weight), only in zip(replies, rows):
         x = arrays[name]
         if not _is_corner(x.shape, g.shape):
             raise ValueError(f"{name!r}: reply shape {x.shape} is no leading corner of {g.shape}")
-        corner = _corner_index(x.shape)
+        index = _corner_index(x.shape)
+        if only is not None:  # only these rows (unique indices) of the corner
+            index, x = (np.asarray(only, dtype=np.int64), *index[1:]), x[only]
         # Accumulate in float64 so the result does not depend on the order of the replies.
-        acc[corner] += np.multiply(x, float(weight), dtype=np.float64)
-        wsum[corner] += float(weight)
+        acc[index] += np.multiply(x, float(weight), dtype=np.float64)
+        wsum[index] += float(weight)
     merged = g.astype(np.float64, copy=True)
     np.divide(acc, wsum, out=merged, where=wsum > 0)
     if not np.issubdtype(g.dtype, np.inexact):

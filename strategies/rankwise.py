@@ -10,19 +10,27 @@ reproducible whatever node ids the SuperLink hands out.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl_maestro import streams
 from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested,
                               prefix_arrays)
 from strategies.records import nbytes, to_numpy, to_record
 
 log = logging.getLogger(__name__)
+
+# What became of each sampled client (the ``outcome`` column of clients.csv). A usable reply is
+# merged; every other outcome is dropped and counted in rounds.csv as ``dropped-<outcome>``.
+USABLE = ("ok", "partial")
+FAILED = ("straggler", "dropout", "error", "invalid", "timeout")
 
 Arrays = dict[str, np.ndarray]
 
@@ -35,6 +43,8 @@ class ClientSpec:
     budget: float
     ranks: Mapping[str, int] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] | None = None  # the slice's shapes, when not a prefix
+    config: Mapping[str, int | float | str | bool] = field(default_factory=dict)  # sent with it
+    max_examples: int | None = None  # its partition's training examples, known at discovery
 
 
 def _placeholder(array: np.ndarray) -> np.ndarray:
@@ -48,15 +58,29 @@ class RankWiseFedAvg(FedAvg):
 
     cut_shared = False  # rank-wise replies keep shared arrays whole; width baselines cut them
 
-    def __init__(self, clients_per_round: int, seed: int = 0, **fedavg_kwargs) -> None:
+    def __init__(self, clients_per_round: int, seed: int = 0, merge_weight: str = "examples",
+                 label_rows: tuple[str, ...] = (), **fedavg_kwargs) -> None:
+        if merge_weight not in ("examples", "clients"):
+            raise ValueError(f"merge_weight {merge_weight!r} is not allowed: use 'examples' or "
+                             "'clients'")
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(min_train_nodes=clients_per_round, **fedavg_kwargs)
         self.clients_per_round = clients_per_round
-        self.rng = np.random.default_rng(seed)
+        # FedAvg weighs a reply by its examples; HeteroFL counts clients (every reply weighs 1).
+        self.merge_weight = merge_weight
+        # Arrays whose rows are classes, merged only on the rows of the classes a client reports
+        # in its "classes" metric (HeteroFL's masked output layer).
+        self.label_rows = tuple(label_rows)
+        self.rng = streams.rng(seed, "sampling")
         self.clients: dict[int, ClientSpec] = {}
         self.client_rows: list[dict] = []  # one row per client reply of the last round
+        # Per accepted reply of the last round: its list-valued metrics (e.g. per-component
+        # step counts), which do not fit a row of client_rows.
+        self.client_lists: list[dict[str, list]] = []
         self.dropped_total = 0
         self._sent: Arrays = {}
+        self._bytes_down: dict[int, int] = {}
+        self._orders: dict[int, dict[str, Any]] | None = None
 
     def set_clients(self, clients: Mapping[int, ClientSpec]) -> None:
         """Tell the strategy every node's spec (node id -> ClientSpec)."""
@@ -68,30 +92,43 @@ class RankWiseFedAvg(FedAvg):
             return corner_arrays(global_arrays, spec.shapes)
         return prefix_arrays(global_arrays, spec.ranks)
 
-    def sample_nodes(self, grid: Grid) -> list[int]:
-        """Seeded sample of ``clients_per_round`` known, connected nodes, in partition-id order."""
+    def set_round(self, orders: Mapping[int, Mapping[str, Any]] | None) -> None:
+        """The nodes the next ``configure_train`` sends to, each with extra config of its own
+        (e.g. how many local steps to train); None: it samples ``clients_per_round`` itself."""
+        self._orders = None if orders is None else {n: dict(c) for n, c in orders.items()}
+
+    def sample_nodes(self, grid: Grid, among: Iterable[int] | None = None,
+                     count: int | None = None) -> list[int]:
+        """Seeded sample of ``count`` (default ``clients_per_round``) known, connected nodes,
+        drawn from ``among`` when given (e.g. the online ones), in partition-id order."""
         connected = set(grid.get_node_ids())
+        if among is not None:
+            connected &= set(among)
         nodes = sorted((n for n in self.clients if n in connected),
                        key=lambda n: self.clients[n].partition_id)
         if not nodes:
             raise RuntimeError("no known node is connected: nothing to train on")
-        k = min(self.clients_per_round, len(nodes))
+        k = min(count or self.clients_per_round, len(nodes))
         picked = np.sort(self.rng.choice(len(nodes), size=k, replace=False))
         return [nodes[i] for i in picked]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Send each sampled client its own slice of the global arrays and the round's config."""
+        """Send each chosen client its own slice of the global arrays and the round's config."""
+        orders = self._orders if self._orders is not None else {
+            n: {} for n in self.sample_nodes(grid)}
+        self._orders = None
         self._sent = to_numpy(arrays)
         self._bytes_down: dict[int, int] = {}
         self._sent_shapes: dict[int, Arrays] = {}
         messages = []
-        for node_id in self.sample_nodes(grid):
+        for node_id, extra in orders.items():
             spec = self.clients[node_id]
             sliced = self.client_arrays(spec, self._sent)
             self._bytes_down[node_id] = nbytes(sliced)
             self._sent_shapes[node_id] = {k: _placeholder(a) for k, a in sliced.items()}
-            node_config = ConfigRecord({**config, "server-round": server_round,
+            node_config = ConfigRecord({**config, **spec.config, **extra,
+                                        "server-round": server_round,
                                         "budget": spec.budget})
             content = RecordDict({self.arrayrecord_key: to_record(sliced),
                                   self.configrecord_key: node_config})
@@ -103,57 +140,107 @@ class RankWiseFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop and count bad ones, merge the rest rank by rank."""
-        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        valid.sort(key=lambda m: self.clients[m.metadata.src_node_id].partition_id)
-        good, self.client_rows = [], []
-        for message in valid:
-            accepted = self._accept(server_round, message)
+        """Judge every sent client's reply (ok, error, invalid or none), merge the good ones."""
+        by_node = self._replies_by_node(server_round, replies)
+        good, rows, self.client_rows, self.client_lists = [], [], [], []
+        for node_id in sorted(self._bytes_down, key=lambda n: self.clients[n].partition_id):
+            row, accepted = self._judge(server_round, node_id, by_node.get(node_id))
+            self.client_rows.append(row)
             if accepted is not None:
-                good.append(accepted)
-        dropped = len(self._bytes_down) - len(good)  # bad, failed or never answered
-        self.dropped_total += dropped
+                good.append(accepted[:2])
+                rows.append(accepted[2])
+        metrics = self._round_metrics()
+        self.dropped_total += int(metrics["dropped"])
         if not good:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
-            return None, MetricRecord({"dropped": dropped})
-        merged = merge_nested(self._sent, good)
-        return to_record(merged), self._round_metrics(dropped)
+            return None, metrics
+        return to_record(merge_nested(self._sent, good, rows)), metrics
 
-    def _accept(self, server_round: int, message: Message) -> tuple[Arrays, float] | None:
-        """The reply's (arrays, weight) if it passes every check, else None (logged)."""
-        node_id = message.metadata.src_node_id
+    def _replies_by_node(self, server_round: int, replies: Iterable[Message]
+                         ) -> dict[int, Message]:
+        """The first reply of each node this round was sent to; anything else is logged."""
+        by_node: dict[int, Message] = {}
+        for message in replies:
+            node_id = message.metadata.src_node_id
+            if node_id not in self._bytes_down or node_id in by_node:
+                log.warning("round %d: ignored an unexpected reply from node %d", server_round,
+                            node_id)
+                continue
+            by_node[node_id] = message
+        return by_node
+
+    def _judge(self, server_round: int, node_id: int, message: Message | None
+               ) -> tuple[dict, tuple[Arrays, float, dict | None] | None]:
+        """The client's row of ``clients.csv`` and, for a usable reply, its (arrays, weight,
+        label rows)."""
         spec = self.clients[node_id]
-        try:
-            record = message.content.array_records.get(self.arrayrecord_key)
-            metrics = message.content.metric_records.get("metrics")
-            if record is None or metrics is None:
-                raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
-            arrays = to_numpy(record)
-            examples = metrics.get(self.weighted_by_key)
-            # Against what this node was sent: a reply may not grow past its own slice.
-            check_reply(self._sent_shapes[node_id], arrays, examples, cut_shared=self.cut_shared)
-        except InvalidReply as err:
-            log.warning("round %d: dropped reply of partition %d: %s", server_round,
-                        spec.partition_id, err)
-            return None
-        self.client_rows.append({
-            "round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
-            **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            "bytes-down": self._bytes_down.get(node_id, 0), "bytes-up": nbytes(arrays)})
-        return arrays, float(examples)
+        row = {"round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
+               "outcome": "ok", "reason": "", "steps": 0,
+               "bytes-down": self._bytes_down[node_id], "bytes-up": 0}
+        if message is None:
+            row.update(outcome="timeout", reason="no reply before the round's timeout")
+        elif message.has_error():
+            row.update(outcome="error", reason=f"code {message.error.code}: {message.error.reason}")
+        else:
+            try:
+                arrays, examples, metrics = self._checked(node_id, message)
+                label_rows = self._label_rows(metrics.get("classes")) if self.label_rows else None
+            except InvalidReply as err:
+                row.update(outcome="invalid", reason=f"invalid: {err}")
+            else:
+                row.update({k: float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float))}, **{"bytes-up": nbytes(arrays)})
+                self.client_lists.append({k: list(v) for k, v in metrics.items()
+                                          if isinstance(v, list)})
+                weight = 1.0 if self.merge_weight == "clients" else float(examples)
+                return row, (arrays, weight, label_rows)
+        log.warning("round %d: dropped partition %d (%s): %s", server_round, spec.partition_id,
+                    row["outcome"], row["reason"])
+        return row, None
 
-    def _round_metrics(self, dropped: int) -> MetricRecord:
-        """Example-weighted training loss and accuracy plus round totals."""
+    def _label_rows(self, classes: object) -> dict[str, np.ndarray]:
+        """The rows of ``label_rows`` arrays a reply's ``classes`` metric covers."""
+        outputs = min(self._sent[name].shape[0] for name in self.label_rows)
+        if not isinstance(classes, list) or not classes or len(set(classes)) != len(classes) \
+                or not all(isinstance(c, int) and 0 <= c < outputs for c in classes):
+            raise InvalidReply(f"'classes' metric must list distinct class indices in "
+                               f"0..{outputs - 1}, got {classes!r}")
+        return {name: np.array(sorted(classes)) for name in self.label_rows}
+
+    def _checked(self, node_id: int, message: Message) -> tuple[Arrays, float, MetricRecord]:
+        """The reply's arrays, example count and metrics; InvalidReply if any check fails."""
+        record = message.content.array_records.get(self.arrayrecord_key)
+        metrics = message.content.metric_records.get("metrics")
+        if record is None or metrics is None:
+            raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
+        arrays = to_numpy(record)
+        examples = metrics.get(self.weighted_by_key)
+        # Against exactly what this node was sent, and no more examples than its partition holds.
+        check_reply(self._sent_shapes[node_id], arrays, examples, cut_shared=self.cut_shared,
+                    exact=True, max_examples=self.clients[node_id].max_examples)
+        return arrays, examples, metrics
+
+    def _round_metrics(self) -> MetricRecord:
+        """Example-weighted training loss and accuracy of the usable replies, plus round totals.
+
+        ``bytes-down`` counts what was sent to every sampled client, failed ones included;
+        ``dropped`` counts every client without a usable reply, ``dropped-<outcome>`` by reason.
+        """
         rows = self.client_rows
-        weights = np.array([r[self.weighted_by_key] for r in rows])
-        mean = lambda key: float(np.average([r.get(key, 0.0) for r in rows], weights=weights))  # noqa: E731
-        return MetricRecord({
-            "train-loss": mean("train-loss"), "train-accuracy": mean("train-accuracy"),
-            "clients": len(rows), "dropped": dropped, "examples": float(weights.sum()),
-            "bytes-down": float(sum(r["bytes-down"] for r in rows)),
-            "bytes-up": float(sum(r["bytes-up"] for r in rows)),
-            "train-macs": float(sum(r.get("train-macs", 0.0) for r in rows)),
-        })
+        ok = [r for r in rows if r["outcome"] in USABLE]
+        counts = Counter(r["outcome"] for r in rows)
+        totals = {"clients": len(ok), "sent": len(rows), "dropped": len(rows) - len(ok),
+                  **{f"dropped-{o}": counts.get(o, 0) for o in FAILED},
+                  "bytes-down": float(sum(r["bytes-down"] for r in rows)),
+                  "bytes-up": float(sum(r["bytes-up"] for r in ok)),
+                  "train-macs": float(sum(r.get("train-macs", 0.0) for r in ok))}
+        if not ok:
+            return MetricRecord(totals)
+        weights = np.array([r[self.weighted_by_key] for r in ok])
+        mean = lambda key: float(np.average([r.get(key, 0.0) for r in ok], weights=weights))  # noqa: E731
+        return MetricRecord({"train-loss": mean("train-loss"),
+                             "train-accuracy": mean("train-accuracy"),
+                             "examples": float(weights.sum()), **totals})
 
     def state_dict(self) -> dict:
         """Strategy state to checkpoint: the sampling generator and counters."""

@@ -10,21 +10,22 @@ import pytest
 import torch
 
 from fl_maestro.budgets import assign_budgets, check_budget, parse_mix, ranks_for_budget
-from fl_maestro.models import CNN, MLP, at_ranks
+from fl_maestro.models import CNN, MLP, at_ranks, build_model
 from fl_maestro.shrinking import importance
 
 METHODS = ("uniform", "importance")
 COSTS = ("macs", "params")
-# The CNN at rank 1 everywhere costs 299_328 / 5_060_352 = 0.059 of its MACs and 5_418 / 442_122
-# = 0.012 of its parameters (counts in test_models.py), so every budget from 0.06 up is runnable.
-BUDGETS = [0.06, 0.08, 0.1, 0.13, 0.17, 0.2, 0.25, 0.3, 0.37, 0.45, 0.5, 0.55, 0.62, 0.7, 0.8,
+# Budgets are fractions of the dense CNN's cost. The CNN (ranks capped at the dense cost: conv2 52,
+# fc 122) at rank 1 everywhere costs 299_328 / 4_241_152 = 0.071 of the dense MACs and
+# 5_418 / 421_642 = 0.013 of its parameters (counts in test_models.py), so budgets from 0.08 run.
+BUDGETS = [ 0.1, 0.13, 0.17, 0.2, 0.25, 0.3, 0.37, 0.45, 0.5, 0.55, 0.62, 0.7, 0.8,
            0.9, 0.95, 0.99, 1.0]
 
 
 @pytest.fixture(scope="module")
 def cnn() -> CNN:
     torch.manual_seed(0)  # the layers' SVD init of a random dense layer gives a decaying spectrum
-    return CNN()
+    return build_model("cnn", (1, 28, 28), 10)
 
 
 # --------------------------------------------------------------------------- ranks_for_budget
@@ -33,7 +34,7 @@ def cnn() -> CNN:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("cost", COSTS)
 def test_never_exceeds_the_budget(cnn: CNN, method: str, cost: str) -> None:
-    full = cnn.cost(kind=cost)
+    full = cnn.dense_cost(cost)
     for budget in BUDGETS:
         ranks = ranks_for_budget(cnn, budget, method, cost)
         assert set(ranks) == {"conv2", "fc"}
@@ -43,11 +44,11 @@ def test_never_exceeds_the_budget(cnn: CNN, method: str, cost: str) -> None:
 
 
 def test_uniform_by_hand_at_half_the_macs(cnn: CNN) -> None:
-    # MACs(p) = 225_792 + 1_280 + 68_992 * ceil(64 p) + 3_264 * ceil(128 p) <= 0.5 * 5_060_352:
-    #   p = 31/64: 31 * 68_992 + 62 * 3_264 = 2_341_120 > 2_303_104 (the low-rank share)
-    #   p = 61/128: ceil(30.5) = 31, 61 -> 2_337_856 > 2_303_104
-    #   p = 60/128: 30 * 68_992 + 60 * 3_264 = 2_265_600 fits
-    assert ranks_for_budget(cnn, 0.5, "uniform", "macs") == {"conv2": 30, "fc": 60}
+    # MACs(p) = 225_792 + 1_280 + 68_992 * ceil(52 p) + 3_264 * ceil(122 p) <= 0.5 * 4_241_152
+    # (the dense CNN), so the low-rank share may be 1_893_504:
+    #   p = 57/122: ceil(24.3) = 25, 57 -> 1_910_848 does not fit
+    #   p = 24/52: 24, ceil(56.3) = 57 -> 1_841_856 fits, the largest candidate that does
+    assert ranks_for_budget(cnn, 0.5, "uniform", "macs") == {"conv2": 24, "fc": 57}
 
 
 @pytest.mark.parametrize("cost", COSTS)
@@ -63,7 +64,7 @@ def test_uniform_is_a_common_fraction_and_monotone(cnn: CNN, cost: str) -> None:
 
 @pytest.mark.parametrize("cost", COSTS)
 def test_importance_is_monotone_and_maximal(cnn: CNN, cost: str) -> None:
-    full, previous = cnn.cost(kind=cost), 0
+    full, previous = cnn.dense_cost(cost), 0
     for budget in BUDGETS:
         ranks = ranks_for_budget(cnn, budget, "importance", cost)
         spent = cnn.cost(ranks, cost)
@@ -77,14 +78,14 @@ def test_importance_is_monotone_and_maximal(cnn: CNN, cost: str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("cost", COSTS)
 def test_full_budget_gives_full_ranks(cnn: CNN, method: str, cost: str) -> None:
-    assert ranks_for_budget(cnn, 1.0, method, cost) == {"conv2": 64, "fc": 128}
-    assert ranks_for_budget(cnn, 1, method, cost) == {"conv2": 64, "fc": 128}
+    assert ranks_for_budget(cnn, 1.0, method, cost) == {"conv2": 52, "fc": 122}
+    assert ranks_for_budget(cnn, 1, method, cost) == {"conv2": 52, "fc": 122}
 
 
 def test_budget_below_the_smallest_model_raises(cnn: CNN) -> None:
-    with pytest.raises(ValueError, match=r"0\.05 is below .*0\.059"):
+    with pytest.raises(ValueError, match=r"0\.05 is below .*0\.0706"):
         ranks_for_budget(cnn, 0.05, "uniform", "macs")
-    assert ranks_for_budget(cnn, 0.05, "uniform", "params")  # 0.012 of the params fits
+    assert ranks_for_budget(cnn, 0.05, "uniform", "params")  # 0.013 of the params fits
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, True, float("nan"), "0.5", None])
@@ -138,11 +139,11 @@ def test_importance_beats_uniform_on_a_lopsided_model() -> None:
         return total
 
     # Each component costs 40 + 40 MACs in either layer, the dense classifier 400: full 6_800,
-    # budget 3_400. Uniform: 18 + 18 components (3_280). Importance (tail sums of singular values):
+    # budget 3_400 (half of this uncapped model's own full-rank cost, as reference_cost). Uniform: 18 + 18 components (3_280). Importance (tail sums of singular values):
     # hidden.0 [18.38, 8.38, 0.38, ...], hidden.1 [40, 39, ..., 1]; from rank 1 each (560 spent) the
     # greedy adds 35 components: hidden.1 j = 1..31 (39..9), hidden.0 j = 1 (8.38), hidden.1 32..34.
-    uniform = ranks_for_budget(model, 0.5, "uniform")
-    by_importance = ranks_for_budget(model, 0.5, "importance")
+    uniform = ranks_for_budget(model, 0.5, "uniform", reference_cost=model.cost())
+    by_importance = ranks_for_budget(model, 0.5, "importance", reference_cost=model.cost())
     assert uniform == {"hidden.0": 18, "hidden.1": 18}
     assert by_importance == {"hidden.0": 2, "hidden.1": 35}
     e_uni, e_imp = output_error(uniform), output_error(by_importance)

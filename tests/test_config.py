@@ -154,3 +154,14 @@ def test_eval_fractions_given_as_a_number_is_read_as_one_fraction() -> None:
     # `--run-config eval-fractions=1.0` reaches the app as a float, not a string.
     assert parse_run_config({"eval-fractions": 1.0}).fractions == [1.0]
     assert parse_run_config({"eval-fractions": 1}).fractions == [1.0]
+
+
+def test_lr_decays_exponentially_by_round() -> None:
+    cfg = parse_run_config({"lr": 0.1, "lr-decay": 0.5})
+    assert [cfg.lr_at(t) for t in (1, 2, 3)] == pytest.approx([0.1, 0.05, 0.025])
+    assert parse_run_config({}).lr_at(50) == parse_run_config({}).lr  # default: no decay
+    with pytest.raises(ValueError, match="'lr-decay' has bad value 0"):
+        parse_run_config({"lr-decay": 0})
+def test_device_mix_message_says_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match=r"'device-mix'.*shares sum to 0\.9, must sum to 1"):
+        parse_run_config({"device-mix": "0.2:0.5,1.0:0.4"})

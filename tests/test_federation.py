@@ -24,10 +24,16 @@ ROUNDS = 4
 MIX = "0.25:0.5,1.0:0.5"
 
 
+# Tier 1.0's ClientApp raises in a share of its calls (an injected crash): through Flower and Ray
+# each one must come back as an error reply that costs its round that reply only.
+CRASH = "1.0:crash=0.4"
+
+
 def _run_config(results_dir: Path, name: str, **extra) -> dict:
     return {"dataset": "digits", "model": "cnn", "num-rounds": ROUNDS, "clients-per-round": 3,
             "device-mix": MIX, "partitioner": "iid", "results-dir": str(results_dir),
-            "run-name": name, "eval-samples": 0, "eval-fractions": "0.25,1.0", **extra}
+            "run-name": name, "eval-samples": 0, "eval-fractions": "0.25,1.0",
+            "device-profiles": CRASH, **extra}
 
 
 def _flwr_run(home: Path, run_config: dict, kill_after_round: int | None = None) -> int:
@@ -72,7 +78,7 @@ def test_results_files_hold_every_round_tier_and_client(runs):
     assert accuracy.between(0, 1).all()
     final = tiers[(tiers["round"] == ROUNDS) & (tiers["metric"] == "eval-examples")]
     assert (final["value"] == 360).all()  # the whole digits test split
-    relative = tiers[(tiers["round"] == ROUNDS) & (tiers["metric"] == "relative-macs")]
+    relative = tiers[(tiers["round"] == ROUNDS) & (tiers["metric"] == "dense-relative-macs")]
     assert relative.set_index("level")["value"][0.25] <= 0.25
     clients = store.read("clients")
     assert len(clients) == ROUNDS * 3
@@ -82,10 +88,23 @@ def test_results_files_hold_every_round_tier_and_client(runs):
     small, full = (clients[clients["budget"] == b]["bytes-down"] for b in (0.25, 1.0))
     if len(small) and len(full):
         assert small.max() < full.min()  # the downlink shrinks with the budget
-    assert (clients["num-examples"] > 0).all()
+    assert (clients.loc[clients["outcome"] == "ok", "num-examples"] > 0).all()
     assert len(store.read("rounds")) == ROUNDS
     assert store.read_config()["device-mix"] == MIX
     assert store.load_checkpoint()[0] == ROUNDS
+
+
+def test_crashing_clientapps_cost_one_reply_each_through_flower(runs):
+    store = RunStore(runs["full"])
+    clients, rounds = store.read("clients"), store.read("rounds")
+    crashed = clients[clients["outcome"] == "error"]
+    assert len(crashed) >= 1, "seed 0 should draw at least one crash"
+    assert (crashed["budget"] == 1.0).all()
+    assert crashed["reason"].str.contains("InjectedCrash").all()  # Flower's own error reply
+    assert (clients.loc[clients["outcome"] != "error", "outcome"] == "ok").all()
+    assert (rounds["clients"] == 3 - rounds["dropped-error"]).all()
+    assert rounds["dropped-error"].sum() == len(crashed)
+    assert (rounds["sim-time"].diff().dropna() > 0).all()  # the simulated clock moved every round
 
 
 def test_federated_training_learns(runs):

@@ -33,8 +33,8 @@ def test_tiers_get_their_ranks_and_the_table_has_every_tier(tmp_path):
     overrides = _overrides(tmp_path)
     table = run_federation(InProcessGrid(6, overrides), parse_run_config(overrides))
     assert list(table.index) == [0.25, 1.0]
-    assert table.loc[0.25, "relative-macs"] <= 0.25
-    assert table.loc[1.0, "relative-macs"] == 1.0
+    assert table.loc[0.25, "dense-relative-macs"] <= 0.25
+    assert 0.99 < table.loc[1.0, "dense-relative-macs"] <= 1.0  # full model, ranks capped
     assert table.loc[1.0, "eval-examples"] == 360  # final round: the whole test split
     store = RunStore(tmp_path / "run")
     evaluation = store.read("evaluation")
@@ -98,10 +98,19 @@ def test_timeline_records_every_phase_of_every_round(tmp_path):
     run_federation(InProcessGrid(4, overrides), parse_run_config(overrides))
     timeline = RunStore(tmp_path / "run").read("timeline")
     assert list(timeline.loc[timeline["round"] == 0, "phase"]) == ["set-up", "discovery", "evaluation"]
+    parts = ["training:plan", "training:configure", "training:clients", "training:merge"]
     for rnd in (1, 2):
-        assert list(timeline.loc[timeline["round"] == rnd, "phase"]) == ["training", "evaluation", "results"]
-    assert (timeline["seconds"] >= 0).all()
-    assert timeline["start"].is_monotonic_increasing
+        phases = list(timeline.loc[timeline["round"] == rnd, "phase"])
+        assert phases == [*parts, "training", "evaluation", "results"]
+        rows = timeline[timeline["round"] == rnd].set_index("phase")
+        assert rows.loc[parts, "seconds"].sum() <= rows.loc["training", "seconds"]
+    assert (timeline["seconds"] >= 0).all() and (timeline["cpu-seconds"] >= 0).all()
+    clients = RunStore(tmp_path / "run").read("clients")
+    for part in ("decode", "build", "data", "validate", "train", "encode"):
+        assert (clients[f"{part}-seconds"] > 0).all(), part
+    part = timeline["phase"].str.contains(":")
+    assert timeline.loc[~part, "start"].is_monotonic_increasing  # a phase's row follows its parts'
+    assert timeline.loc[part, "start"].is_monotonic_increasing
 
 
 def test_discovery_leaves_out_a_silent_node_and_still_asks_the_next_chunk(caplog) -> None:
@@ -112,3 +121,48 @@ def test_discovery_leaves_out_a_silent_node_and_still_asks_the_next_chunk(caplog
         nodes = Discovery(grid, chunk=2).result(timeout=0.2, poll=0.01)
     assert sorted(nodes) == [2, 3, 4]  # the second chunk gets its own time to answer
     assert "1 nodes did not answer within 0.2 s" in caplog.text
+
+
+def test_components_table_records_coverage_and_movement_every_round(tmp_path):
+    overrides = _overrides(tmp_path, **{"num-rounds": 2})
+    run_federation(InProcessGrid(4, overrides), parse_run_config(overrides))
+    store = RunStore(tmp_path / "run")
+    components, clients = store.read("components"), store.read("clients")
+    assert sorted(components["round"].unique()) == [0, 1, 2]
+    start = components[components["round"] == 0]
+    assert (start["client-steps"] == 0).all() and (start["moved"] == 0).all()
+    assert np.allclose(start["importance"], start["importance-init"])
+    for rnd in (1, 2):
+        mine = components[components["round"] == rnd]
+        first = mine[mine["component"] == 0].set_index("layer")
+        # every step of every client trains each layer's first component
+        assert (first["client-steps"] == clients[clients["round"] == rnd]["steps"].sum()).all()
+        assert (first["clients"] == 3).all()
+        # the tier-0.25 clients hold only a prefix: the tail is held by the 1.0 clients only
+        assert mine["clients"].min() < 3
+    totals = components[components["round"] > 0].groupby(["layer", "component"])[
+        ["client-steps", "clients"]].sum()
+    final = components[components["round"] == 2].set_index(["layer", "component"])["moved"]
+    assert (final[totals["client-steps"] > 0] > 0).all()  # what was trained moved
+    assert (final[totals["clients"] == 0] == 0).all()  # what no client held did not
+    assert store.load_initial() is not None
+
+
+def test_sweep_cells_run_in_process_and_resume(tmp_path):
+    from simulations.runners import InProcessCells
+    from simulations.scenarios import Scenario, axis
+    from simulations.sweep import build_cells, run_sweep
+
+    scenario = Scenario("tiny", "one cell", overrides={
+        k: v for k, v in _overrides(tmp_path).items() if k not in ("results-dir", "run-name")},
+        supernodes=4, axes=(axis("lr", (0.05,)),))
+    cells = build_cells(scenario, [0], tmp_path)
+    table = run_sweep(cells, InProcessCells(threads=1, timeout=300), tmp_path)
+    assert table.loc[0, "status"] == "done" and table.loc[0, "rounds"] == 2
+    assert "final global-model accuracy by tier" in (tmp_path / cells[0].cell_id / "run.log").read_text()
+    longer = build_cells(scenario, [0], tmp_path)
+    longer = [c.__class__(**{**c.__dict__, "num_rounds": 3,
+                             "run_config": {**c.run_config, "num-rounds": 3}}) for c in longer]
+    run_sweep(longer, InProcessCells(threads=1), tmp_path)
+    evaluation = RunStore(tmp_path / cells[0].cell_id).read("evaluation")
+    assert sorted(evaluation["round"].unique()) == [0, 1, 2, 3]  # resumed, not restarted

@@ -200,8 +200,14 @@ def test_resnet18_forward_shape_and_layers() -> None:
     # 8 blocks x 2 convs + 3 projection shortcuts; the stem and the classifier stay dense
     assert len(layers) == 19
     assert all(isinstance(m, LowRankConv2d) for m in layers.values())
-    assert layers["layer4.1.conv2"].max_rank == 512
-    assert layers["layer2.0.shortcut.0"].max_rank == 64  # 1x1: min(128, 64 * 1 * 1)
+    # ranks capped at the dense cost: 512 * 4608 // (512 + 4608) = 460; 1x1 shortcut 64 -> 128:
+    # 128 * 64 // 192 = 42 (uncapped: min(out, fan_in) = 512 and 64)
+    assert layers["layer4.1.conv2"].max_rank == 460
+    assert layers["layer2.0.shortcut.0"].max_rank == 42
+    assert model.cost() <= model.dense_cost()
+    uncapped = build_model("resnet18", (3, 32, 32), 10, device="meta", rank_cap="none")
+    assert uncapped.max_ranks()["layer4.1.conv2"] == 512
+    assert uncapped.max_ranks()["layer2.0.shortcut.0"] == 64
     x = _randn(2, 3, 32, 32)
     assert model(x).shape == (2, 10)
     with at_ranks(model, model.ranks_at_fraction(0.25)):

@@ -38,10 +38,10 @@ def cluster_run(tmp_path_factory) -> dict:
                   "partitioner": "iid", "results-dir": str(root / "results"),
                   "run-name": "cluster", "eval-samples": 0, "eval-fractions": "0.25,1.0"}
     with RayCluster(workers=1, cpus_per_node=1) as cluster:
-        code = run_on_cluster(cluster, run_config, supernodes=4, flwr_home=root / "flwr-home",
-                              timeout=600)
+        code, status = run_on_cluster(cluster, run_config, supernodes=4,
+                                      flwr_home=root / "flwr-home", timeout=600)
         nodes, actors = cluster.nodes(), cluster.actors()
-    return {"code": code, "nodes": nodes, "actors": actors, "marker": str(cluster.temp_dir),
+    return {"code": code, "status": status, "nodes": nodes, "actors": actors, "marker": str(cluster.temp_dir),
             "store": RunStore(root / "results" / "cluster"), "home": root / "flwr-home"}
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from fl_maestro.results import RunStore
-from simulations.report import build_report, find_runs, group_runs, load_run, main
+from simulations.report import build_report, find_runs, group_runs, load_run, main, time_at_rounds
 
 METRICS = ("accuracy", "loss", "macs", "params", "relative-macs", "dense-relative-macs",
            "eval-examples")
@@ -20,6 +20,7 @@ FINAL_TIER_ACCURACY = {("mix-a", 0): {0.5: 0.75, 1.0: 0.8125},
                        ("mix-a", 1): {0.5: 0.7, 1.0: 0.8375},  # mean over seeds: 0.725, 0.825
                        ("mix-b", 0): {1.0: 0.9125}}
 MIXES = {"mix-a": "0.5:0.5,1.0:0.5", "mix-b": "1.0:1.0"}
+PROFILES = "default:macs-per-second=1e9,uplink-bytes-per-second=1e5"
 
 
 def _evaluation(tiers: dict[float, float], rounds: int = 2) -> list[dict]:
@@ -41,16 +42,28 @@ def _write_run(root: Path, mix: str, seed: int, tiers: dict[float, float]) -> Pa
     name = f"device-mix={mix}__seed={seed}"
     store = RunStore(root / name)
     store.write_config({"run-name": name, "results-dir": str(root), "seed": seed,
-                        "device-mix": MIXES[mix], "dataset": "digits", "num-rounds": 2})
+                        "device-mix": MIXES[mix], "dataset": "digits", "num-rounds": 2,
+                        "device-profiles": PROFILES, "deadline-policy": "drop",
+                        "round-deadline": 2.5})
     store.append("evaluation", _evaluation(tiers))
     budgets = sorted(tiers)
+    # partition 2 is a straggler of round 2 that did 1 of its 2 steps by the deadline
     store.append("clients", [{"round": r, "partition-id": i, "budget": budgets[i % len(budgets)],
+                              "outcome": "straggler" if (r, i) == (2, 2) else "ok",
                               "num-examples": 50, "train-loss": 1.0, "train-accuracy": 0.5,
                               "train-seconds": 0.1, "train-macs": 1e9 * budgets[i % len(budgets)],
-                              "steps": 2, "bytes-down": 1e5 * budgets[i % len(budgets)],
+                              "steps": 1 if (r, i) == (2, 2) else 2, "planned-steps": 2,
+                              "bytes-down": 1e5 * budgets[i % len(budgets)],
                               "bytes-up": 1e5 * budgets[i % len(budgets)]}
                              for r in (1, 2) for i in range(3)])
-    store.append("rounds", [{"round": r, "clients": 3, "dropped": 0} for r in (1, 2)])
+    store.append("rounds", [{"round": r, "clients": 3, "dropped": r - 1,
+                             "dropped-straggler": r - 1, "sim-seconds": 2.5, "sim-time": 2.5 * r}
+                            for r in (1, 2)])
+    store.append("components", [
+        {"round": r, "layer": "fc", "component": j, "client-steps": (4 - j) * r,
+         "clients": 3 - (j > 1) if r else 0, "moved": 0.1 * r * (4 - j), "norm": 1.0,
+         "importance": 4.0 - j, "norm-init": 1.0, "importance-init": 2.0}
+        for r in (0, 1, 2) for j in range(4)])
     rng = np.random.default_rng(seed)
     store.save_checkpoint(2, {"fc.U": rng.normal(size=(6, 4)).astype(np.float32),
                               "fc.V": rng.normal(size=(4, 5)).astype(np.float32),
@@ -80,25 +93,55 @@ def test_runs_are_grouped_by_the_keys_that_vary(sweep: Path) -> None:
     assert unfinished not in find_runs([sweep]) and find_runs([unfinished]) == [unfinished]
 
 
+T975_1 = 12.7062047  # two-sided 95% t quantile, 1 degree of freedom (printed tables)
+
+
 def test_report_writes_plots_and_html_with_the_numbers(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     page = build_report([sweep], out).read_text()
     for name in ("accuracy-vs-fraction", "tier-accuracy", "pareto", "accuracy-over-time",
-                 "communication", "importance"):
+                 "communication", "importance", "coverage", "movement", "full-budget-clients"):
         png, pdf = out / f"{name}.png", out / f"{name}.pdf"
         assert png.stat().st_size > 20_000 and pdf.stat().st_size > 5_000, name
         pixels = matplotlib.image.imread(png)
         assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05, name  # not blank
-    assert page.count("data:image/png;base64,") == 6
-    tiers = _table(page, "Final accuracy per budget tier")
-    final = tiers.set_index(["group", "budget"])["accuracy"]
-    assert final[("0.5:0.5,1.0:0.5", 0.5)] == pytest.approx(0.725)
-    assert final[("0.5:0.5,1.0:0.5", 1.0)] == pytest.approx(0.825)
-    assert final[("1.0:1.0", 1.0)] == pytest.approx(0.9125)
-    spread = tiers.set_index(["group", "budget"]).loc[("0.5:0.5,1.0:0.5", 1.0)]
-    assert (spread["accuracy min"], spread["accuracy max"], spread["seeds"]) == (0.8125, 0.8375, 2)
+    assert page.count("data:image/png;base64,") == 9
+    tiers = _table(page, "Final accuracy per budget tier").set_index(["group", "budget"])
+    # accuracy grows as (r + 1) / 3 over rounds 0..2: the mean of the last 5 (here all 3)
+    # evaluated rounds is 2/3 of the last round's
+    mix_a = tiers.loc[("0.5:0.5,1.0:0.5", 0.5)]
+    assert mix_a["last round"] == pytest.approx(0.725) and mix_a["n"] == 2
+    assert mix_a["mean of last 5"] == pytest.approx(0.725 * 2 / 3, abs=1e-4)
+    # seeds 0.75 and 0.70: s = 0.0354, s / sqrt(2) = 0.025
+    assert mix_a["last round ±95%"] == pytest.approx(T975_1 * 0.025, abs=1e-4)
+    assert tiers.loc[("0.5:0.5,1.0:0.5", 1.0), "last round"] == pytest.approx(0.825)
+    assert tiers.loc[("1.0:1.0", 1.0), "last round"] == pytest.approx(0.9125)
+    assert np.isnan(tiers.loc[("1.0:1.0", 1.0), "last round ±95%"])  # one seed: no interval
+    assert tiers["converged"].tolist() == ["0/2", "0/2", "0/1"]  # 3 rounds: not judged
+    assert (out / "final-tier.csv").exists() and (out / "coverage.csv").exists()
     runs = _table(page, "Runs")
     assert runs["rounds"].tolist() == [2, 2, 2]
+    assert runs["points in tail"].tolist() == [1, 1, 1]
+
+
+def test_report_pairs_differences_and_marks_what_is_not_separated(sweep: Path,
+                                                                   tmp_path: Path) -> None:
+    page = build_report([sweep], tmp_path / "report", last_k=1).read_text()
+    tiers = _table(page, "Each tier minus").set_index("group")
+    # mix-a, tier 1.0 minus 0.5 on the same run: 0.0625 (seed 0), 0.1375 (seed 1)
+    row = tiers.loc["0.5:0.5,1.0:0.5"]
+    assert row["difference"] == pytest.approx(0.1) and row["pairs"] == 2
+    assert row["95% CI low"] == pytest.approx(0.1 - T975_1 * 0.0375, abs=1e-4)
+    assert "not separated" in page
+    groups = _table(page, "Each group minus 0.5:0.5,1.0:0.5").set_index("group")
+    # mix-b has seed 0 only: 0.9125 - 0.8125 at tier 1.0, one pair, no interval
+    assert groups.loc["1.0:1.0", "difference"] == pytest.approx(0.1)
+    assert groups.loc["1.0:1.0", "pairs"] == 1
+    coverage = _table(page, "Coverage per layer").set_index("group")
+    # fc: client-steps (4 - j) * r over rounds 1 and 2: first 12, last 3
+    assert coverage.loc["1.0:1.0", "client-steps first"] == 12
+    assert coverage.loc["1.0:1.0", "client-steps last"] == 3
+    assert coverage.loc["1.0:1.0", "moved last"] == pytest.approx(0.2)
 
 
 class _Cells(HTMLParser):
@@ -131,18 +174,29 @@ def _table(page: str, caption: str) -> pd.DataFrame:
     parser = _Cells()
     parser.feed(page[start:page.index("</table>", start)])
     frame = pd.DataFrame(parser.rows[1:], columns=parser.rows[0])
-    numeric = [c for c in frame if c not in ("group", "run")]
-    return frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce") for c in numeric})
+    numbers = {c: pd.to_numeric(frame[c], errors="coerce") for c in frame}
+    return frame.assign(**{c: v for c, v in numbers.items()
+                           if c not in ("group", "run") and v.notna().any()})
 
 
-def test_simulated_time_and_cli(sweep: Path, tmp_path: Path) -> None:
-    devices = tmp_path / "devices.toml"
-    # every client: 1e9*b MACs at 1e9 MAC/s + 2 x 1e5*b bytes at 1e5 B/s = 3b s; slowest b = 1.0
-    devices.write_text("[default]\nmacs-per-second = 1e9\ndownlink-bytes-per-second = 1e5\n"
-                       "uplink-bytes-per-second = 1e5\n")
-    assert main([str(sweep), "--out", str(tmp_path / "cli"), "--devices", str(devices)]) == 0
-    runs = _table((tmp_path / "cli" / "report.html").read_text(), "Runs")
-    assert runs["simulated seconds"].tolist() == pytest.approx([6, 6, 6])  # 2 rounds x 3 s
-    profiles = _table((tmp_path / "cli" / "report.html").read_text(), "Device profiles")
+def test_simulated_time_outcomes_profiles_and_cli(sweep: Path, tmp_path: Path) -> None:
+    assert main([str(sweep), "--out", str(tmp_path / "cli")]) == 0
+    page = (tmp_path / "cli" / "report.html").read_text()
+    runs = _table(page, "Runs")
+    assert runs["simulated seconds"].tolist() == pytest.approx([5, 5, 5])  # the runs' own clock
+    assert runs["dropped-straggler"].tolist() == [1, 1, 1]
+    outcomes = _table(page, "What became of the sampled clients").set_index(["group", "budget"])
+    # mix-a: partition 2 is tier 0.5 (of 0.5, 1.0): 4 rows of tier 0.5 over 2 seeds, 2 stragglers
+    row = outcomes.loc[("0.5:0.5,1.0:0.5", 0.5)]
+    assert (row["sampled"], row["straggler"], row["ok"]) == (8, 0.25, 0.75)
+    assert row["steps done / planned"] == pytest.approx(14 / 16)
+    profiles = _table(page, "Device profiles")
     assert profiles["GMAC/s"].tolist() == [1, 1]
     assert profiles["uplink Mbit/s"].tolist() == [0.8, 0.8]
+    assert "drop at 2.5 s" in page
+
+
+def test_time_at_rounds_reads_the_runs_clock() -> None:
+    rounds = pd.DataFrame({"round": [1, 2, 3], "sim-time": [2.0, 5.0, 9.0]})
+    assert time_at_rounds(rounds, [0, 1, 3, 4]).tolist() == [0, 2, 9, 9]
+    assert np.isnan(time_at_rounds(pd.DataFrame({"round": [1]}), [1])).all()  # an older run

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from strategies import merge_nested
-from strategies.rankwise import ClientSpec, RankWiseFedAvg
+from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
 from strategies.records import to_numpy, to_record
 
 F32 = np.float32
@@ -232,6 +232,7 @@ def test_client_rows() -> None:
     for row in rows:
         p, r = row["partition-id"], RANKS[row["partition-id"]]
         assert row["round"] == 4
+        assert row["outcome"] == "ok" and row["reason"] == ""
         assert row["budget"] == pytest.approx(round(0.2 * (p + 1), 2))
         assert row["num-examples"] == 10 * (p + 1)
         assert row["bytes-up"] == row["bytes-down"] == 4 * (4 * r + r * 5 + 4 + 2 * 4)
@@ -293,7 +294,12 @@ def test_bad_reply_dropped_counted_and_logged(kind: str, caplog_strategies) -> N
     assert metrics["dropped"] == 1
     assert metrics["clients"] == len(others)
     assert strategy.dropped_total == 1
-    assert 3 not in [r["partition-id"] for r in strategy.client_rows]
+    assert metrics["dropped-invalid"] == 1 and metrics["dropped-error"] == 0
+    row = next(r for r in strategy.client_rows if r["partition-id"] == 3)
+    assert row["outcome"] == "invalid" and row["reason"].startswith("invalid: ")
+    assert row["bytes-up"] == 0 and row["bytes-down"] > 0
+    assert metrics["bytes-down"] == sum(r["bytes-down"] for r in strategy.client_rows)
+    assert [r["outcome"] for r in strategy.client_rows].count("ok") == len(others)
     warnings = [r.getMessage() for r in caplog_strategies.records if r.levelno >= logging.WARNING]
     assert any("partition 3" in w for w in warnings), warnings
 
@@ -306,7 +312,38 @@ def test_error_reply_counts_as_dropped() -> None:
     merged, metrics = strategy.aggregate_train(1, [error] + replies[1:])
     assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
     assert metrics["dropped"] == 1 and metrics["clients"] == len(replies) - 1
+    assert metrics["dropped-error"] == 1 and metrics["dropped-invalid"] == 0
     assert strategy.dropped_total == 1
+    failed = next(r for r in strategy.client_rows if r["outcome"] == "error")
+    assert failed["partition-id"] == partition_of(strategy, messages[0])
+    assert "client crashed" in failed["reason"] and failed["bytes-up"] == 0
+
+
+def test_missing_reply_is_a_timeout_row_and_its_bytes_count() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)
+    merged, metrics = strategy.aggregate_train(1, replies[1:])
+    assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
+    assert metrics["dropped-timeout"] == 1 and metrics["dropped"] == 1
+    rows = strategy.client_rows
+    assert len(rows) == len(messages)
+    late = next(r for r in rows if r["outcome"] == "timeout")
+    assert late["partition-id"] == partition_of(strategy, messages[0])
+    assert metrics["bytes-down"] == sum(r["bytes-down"] for r in rows)  # sent to it too
+
+
+def test_set_round_sends_exactly_the_given_nodes_with_their_config() -> None:
+    strategy = make_strategy()
+    grid = FakeGrid([node_id(p) for p in RANKS])
+    strategy.set_round({node_id(1): {"steps": 3}, node_id(4): {"steps": 1, "crash": True}})
+    messages = list(strategy.configure_train(1, to_record(global_arrays()), ConfigRecord(), grid))
+    assert [partition_of(strategy, m) for m in messages] == [1, 4]
+    assert messages[0].content["config"]["steps"] == 3
+    assert messages[1].content["config"]["crash"] is True
+    assert len(send(strategy, grid=grid)) == len(RANKS)  # the orders were for one round only
+    picked = strategy.sample_nodes(grid, among=[node_id(0), node_id(2), 777], count=5)
+    assert picked == [node_id(0), node_id(2)]  # only the known nodes given, in partition order
 
 
 def test_all_bad_returns_none_and_counts() -> None:
@@ -319,7 +356,9 @@ def test_all_bad_returns_none_and_counts() -> None:
     assert merged is None
     assert isinstance(metrics, MetricRecord) and metrics["dropped"] == 5
     assert strategy.dropped_total == 5
-    assert strategy.client_rows == []
+    assert [r["outcome"] for r in strategy.client_rows] == ["invalid"] * 4 + ["error"]
+    assert metrics["dropped-invalid"] == 4 and metrics["dropped-error"] == 1
+    assert [r["outcome"] for r in strategy.client_rows].count("ok") == 0
 
 
 def test_dropped_total_accumulates_across_rounds() -> None:
@@ -343,3 +382,74 @@ def test_mismatched_factor_ranks_dropped() -> None:
     merged, metrics = strategy.aggregate_train(1, [reply(m, arrays)])
     # 1 invalid reply + 4 sampled clients that never answered (as after a timeout)
     assert merged is None and metrics["dropped"] == 5
+    assert metrics["dropped-invalid"] == 1 and metrics["dropped-timeout"] == 4
+
+
+# --------------------------------------------------------------------------- reply checks, faults
+
+
+def test_reply_must_have_exactly_the_sent_shapes() -> None:
+    """A reply smaller than what its client was sent (a leading corner of it) is not merged."""
+    strategy = make_strategy()
+    messages = send(strategy)
+    m = next(m for m in messages if partition_of(strategy, m) == 2)  # sent rank 3
+    arrays = trained(m, 2)
+    arrays["fc.U"], arrays["fc.V"] = arrays["fc.U"][:, :2].copy(), arrays["fc.V"][:2].copy()
+    merged, metrics = strategy.aggregate_train(1, [reply(m, arrays)])
+    assert merged is None and metrics["dropped-invalid"] == 1
+    row = next(r for r in strategy.client_rows if r["partition-id"] == 2)
+    assert "exactly the shapes it was sent" in row["reason"]
+
+
+def test_width_reply_cutting_any_axis_is_dropped() -> None:
+    """Width baselines cut shared arrays too, but never below what the server sent."""
+    strategy = WidthFedAvg(2, seed=0)
+    strategy.set_clients({node_id(p): ClientSpec(p, 1.0, {}, {"out.weight": (2, 3)})
+                          for p in (0, 1)})
+    messages = send(strategy, grid=FakeGrid([node_id(0), node_id(1)]))
+    replies = []
+    for m in messages:
+        arrays = trained(m, partition_of(strategy, m))
+        assert arrays["out.weight"].shape == (2, 3)
+        if partition_of(strategy, m) == 1:
+            arrays["out.weight"] = arrays["out.weight"][:1].copy()  # cuts the class axis
+        replies.append(reply(m, arrays))
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["clients"] == 1 and metrics["dropped-invalid"] == 1
+
+
+def test_example_count_above_the_partition_size_is_dropped() -> None:
+    strategy = RankWiseFedAvg(2, seed=0)
+    strategy.set_clients({node_id(p): ClientSpec(p, 1.0, {"fc": 3}, max_examples=50)
+                          for p in (0, 1)})
+    messages = send(strategy, grid=FakeGrid([node_id(0), node_id(1)]))
+    claims = {0: 50, 1: 51}
+    replies = [reply(m, trained(m, partition_of(strategy, m)),
+                     examples=claims[partition_of(strategy, m)]) for m in messages]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["clients"] == 1 and metrics["examples"] == 50
+    row = next(r for r in strategy.client_rows if r["partition-id"] == 1)
+    assert row["outcome"] == "invalid" and "exceeds the 50 training examples" in row["reason"]
+
+
+def test_zero_dimensional_arrays_round_trip_and_are_accepted() -> None:
+    g = {**global_arrays(), "step": np.array(7.0, F32)}
+    record = to_numpy(to_record(g))
+    assert record["step"].shape == () and float(record["step"]) == 7.0
+    strategy = make_strategy(clients_per_round=2)
+    messages = send(strategy, arrays=g)
+    replies = [reply(m, to_numpy(m.content["arrays"])) for m in messages]  # echo what was sent
+    merged, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["dropped"] == 0 and to_numpy(merged)["step"].shape == ()
+
+
+def test_unanswered_clients_get_timeout_rows_and_their_bytes_count() -> None:
+    strategy = make_strategy()
+    messages = send(strategy)
+    replies = good_replies(strategy, messages)[:3]
+    _, metrics = strategy.aggregate_train(1, replies)
+    outcomes = [r["outcome"] for r in strategy.client_rows]
+    assert outcomes.count("timeout") == 2 and metrics["dropped-timeout"] == 2
+    assert metrics["sent"] == 5 and metrics["clients"] == 3
+    assert metrics["bytes-down"] == sum(strategy._bytes_down.values())
+    assert metrics["bytes-up"] == sum(r["bytes-up"] for r in strategy.client_rows)

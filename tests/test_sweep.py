@@ -13,6 +13,7 @@ from fl_maestro.results import RunStore
 from simulations.scenarios import SCENARIOS, Scenario, axis, get_scenario, grouped_axis
 from fl_maestro.config import parse_run_config
 from simulations.sweep import Cell, apply_sets, build_cells, cell_id, gather, run_sweep, slug
+from simulations.until import Until
 
 SMALL = Scenario("small", "two mixes x one grouped axis",
                  overrides={"num-rounds": 2, "clients-per-round": 2}, supernodes=4,
@@ -22,10 +23,11 @@ SMALL = Scenario("small", "two mixes x one grouped axis",
 
 
 def fake_run_cell(calls: list, fail: frozenset[str] = frozenset(),
-                  crash: frozenset[str] = frozenset()):
+                  crash: frozenset[str] = frozenset(), curve=lambda rnd: 0.1 + 0.2 * rnd):
     """A stand-in for ``flwr run``: writes a synthetic run folder round by round.
 
     Cells in ``fail`` stop with exit code 1 after checkpointing round 1; cells in ``crash`` raise.
+    ``curve(round)`` is the accuracy the run reports.
     """
     def run_cell(cell: Cell, resume: bool) -> int:
         calls.append((cell.cell_id, resume))
@@ -37,7 +39,7 @@ def fake_run_cell(calls: list, fail: frozenset[str] = frozenset(),
         if start == 1:
             store.append("evaluation", [_eval_row(0, 0.1)])
         for rnd in range(start, cell.num_rounds + 1):
-            store.append("evaluation", [_eval_row(rnd, 0.1 + 0.2 * rnd)])
+            store.append("evaluation", [_eval_row(rnd, curve(rnd))])
             store.append("clients", [{"round": rnd, "partition-id": 0, "budget": 1.0}])
             store.append("rounds", [{"round": rnd, "clients": 1}])
             store.save_checkpoint(rnd, {"w": np.zeros(2, np.float32)}, {})
@@ -187,3 +189,31 @@ def test_cells_run_with_other_settings_are_not_reused(tmp_path: Path) -> None:
     other = build_cells(apply_sets(scenario, {"lr": 0.5}), [0], tmp_path)
     with pytest.raises(ValueError, match=r"other settings .*'lr': \(0.05, 0.5\)"):
         run_sweep(other, fake_run_cell([]), tmp_path)
+
+
+def test_until_converged_runs_on_in_chunks_to_convergence_or_the_cap(tmp_path: Path) -> None:
+    scenario = apply_sets(SMALL, {"non-iid": "iid", "device-mix": "1.0:1.0", "num-rounds": 10})
+    cells = build_cells(scenario, [0, 1], tmp_path)
+    flat, rising = cells[0].cell_id, cells[1].cell_id
+    curves = {flat: lambda r: min(0.8, 0.1 * r), rising: lambda r: 0.001 * r}
+    calls: list = []
+
+    def run_cell(cell: Cell, resume: bool) -> int:
+        return fake_run_cell(calls, curve=curves[cell.cell_id])(cell, resume)
+
+    table = run_sweep(cells, run_cell, tmp_path, Until(cap=30, chunk=10)).set_index("cell-id")
+    # flat: at 10 rounds its tail (rounds 9, 10) is too short to judge; at 20 it is flat
+    # (0.8 from round 8 on). rising: 0.001 per round stays over the threshold up to the cap.
+    assert calls == [(flat, False), (flat, True), (rising, False), (rising, True), (rising, True)]
+    assert RunStore(tmp_path / flat).checkpoint_round() == 20
+    assert RunStore(tmp_path / rising).checkpoint_round() == 30
+    assert table.loc[flat, "converged"] and not table.loc[rising, "converged"]
+    assert table.loc[rising, "tail-slope"] == pytest.approx(0.001)
+    assert (table["status"] == "done").all()
+    calls.clear()
+    run_sweep(cells, run_cell, tmp_path, Until(cap=30, chunk=10))
+    assert calls == []  # finished cells stay finished
+    run_sweep(cells, run_cell, tmp_path, Until(cap=35, chunk=10))  # a higher cap: on to 35
+    assert calls == [(rising, True)] and RunStore(tmp_path / rising).checkpoint_round() == 35
+    with pytest.raises(ValueError, match="chunk=0"):
+        Until(cap=30, chunk=0)

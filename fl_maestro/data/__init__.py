@@ -8,7 +8,7 @@ process shares them. The modules, each named for what it holds:
 - ``download``: atomic downloads checked by md5; ``cifar10``: the CIFAR-10 archive;
 - ``registry``: the datasets a run can name, and sklearn's digits;
 - ``partition``: flwr-datasets' partitioners, one client's train / validation indices;
-- ``loaders``: torch DataLoaders over the shared arrays.
+- ``loaders``: device-resident mini-batches of the shared arrays.
 """
 
 from fl_maestro.data.arrays import DatasetArrays
@@ -23,14 +23,14 @@ from fl_maestro.data.fashion_mnist import (
     fashion_mnist_folder, load_fashion_mnist,
 )
 from fl_maestro.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
-from fl_maestro.data.loaders import make_loader
+from fl_maestro.data.loaders import Batches, make_loader
 from fl_maestro.data.partition import (
     DIRICHLET_MIN_PARTITION_SIZES, PARTITIONERS, client_partition, partition_indices,
 )
 from fl_maestro.data.registry import DATASET_SHAPES, NUM_CLASSES, load_dataset, load_digits
 
 __all__ = [
-    "CIFAR10_ARCHIVE", "CIFAR10_MD5", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_TRAIN_BATCHES",
+    "Batches", "CIFAR10_ARCHIVE", "CIFAR10_MD5", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_TRAIN_BATCHES",
     "CIFAR10_URL", "DATASET_SHAPES", "DEFAULT_CIFAR10_ROOT", "DIRICHLET_MIN_PARTITION_SIZES",
     "DatasetArrays", "FASHION_MNIST_FILES", "FASHION_MNIST_MD5", "FASHION_MNIST_MEAN",
     "FASHION_MNIST_PACKAGE", "FASHION_MNIST_ROOT", "FASHION_MNIST_STD", "FASHION_MNIST_URL",
