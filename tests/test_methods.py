@@ -207,7 +207,7 @@ def _captured_training(tmp_path, monkeypatch, **extra) -> list[dict]:
         calls.append({"max_ranks": dict(max_ranks), "sampler": sampler, "distill": args[4],
                       "hgl": args[5], **kwargs, "scales": {
                           n: getattr(m, "train_scale", None)
-                          for n, m in model.low_rank_layers().items()}})
+                          for n, m in model.ranked_layers().items()}})
         return real_train(model, loader, max_ranks, sampler, *args, **kwargs)
     monkeypatch.setattr(client_app, "train", spy)
     _run(tmp_path, **{"num-rounds": 1, **extra})
