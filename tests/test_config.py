@@ -26,9 +26,12 @@ def test_defaults_parse() -> None:
     assert cfg.fractions == [0.1, 0.25, 0.5, 0.75, 1.0]
 
 
-def test_every_key_is_a_field() -> None:
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    assert fields == {k.replace("-", "_") for k in KEYS}
+def test_keys_are_read_from_the_run_config_fields() -> None:
+    """RunConfig is the one declaration: KEYS follow its fields, and its defaults are valid."""
+    fields = dataclasses.fields(RunConfig)
+    assert list(KEYS) == [f.name.replace("_", "-") for f in fields]
+    assert [KEYS[f.name.replace("_", "-")].default for f in fields] == [f.default for f in fields]
+    assert RunConfig() == parse_run_config({})
 
 
 def test_pyproject_mirrors_keys() -> None:

@@ -50,7 +50,7 @@ def plain_train(msg: Message, context: Context) -> Message:
             F.cross_entropy(model(x), y).backward()
             sgd.step()
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "metrics": MetricRecord({"num-examples": len(loader.dataset)})})
+                          "metrics": MetricRecord({"num-examples": loader.num_examples})})
     return Message(content=content, reply_to=msg)
 
 
