@@ -28,6 +28,7 @@ from fl_maestro.runtime import keep_freed_memory
 from fl_maestro.sampling import tier_grid
 from fl_maestro.width import build_width_model, set_scaler
 from fl_maestro.training import evaluate, step_rng, train
+from strategies.rankwise import METRICS
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def train_prefix(msg: Message, context: Context) -> Message:
     })
     if "classes" in options:  # HeteroFL merges the output rows of these classes only
         metrics["classes"] = [int(c) for c in options["classes"]]
-    return Message(content=RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({"arrays": reply, METRICS: metrics}), reply_to=msg)
 
 
 @contextmanager

@@ -33,6 +33,7 @@ USABLE = ("ok", "partial")
 FAILED = ("straggler", "dropout", "error", "invalid", "timeout")
 
 Arrays = dict[str, np.ndarray]
+METRICS = "metrics"  # the MetricRecord of a training reply (fl_maestro.client_app writes it)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class ClientSpec:
     partition_id: int
     budget: float
     ranks: Mapping[str, int] = field(default_factory=dict)
-    shapes: Mapping[str, tuple[int, ...]] | None = None  # the slice's shapes, when not a prefix
+    # The slice's shapes: the federation always gives them (its plan's corner of every array);
+    # None, for a strategy driven on its own, sends the rank prefix of ``ranks``.
+    shapes: Mapping[str, tuple[int, ...]] | None = None
     config: Mapping[str, int | float | str | bool] = field(default_factory=dict)  # sent with it
     max_examples: int | None = None  # its partition's training examples, known at discovery
 
@@ -59,12 +62,20 @@ class RankWiseFedAvg(FedAvg):
     cut_shared = False  # rank-wise replies keep shared arrays whole; width baselines cut them
 
     def __init__(self, clients_per_round: int, seed: int = 0, merge_weight: str = "examples",
-                 label_rows: tuple[str, ...] = (), **fedavg_kwargs) -> None:
+                 label_rows: tuple[str, ...] = (), *, weighted_by_key: str = "num-examples",
+                 arrayrecord_key: str = "arrays", configrecord_key: str = "config",
+                 metricrecord_key: str = METRICS) -> None:
+        """Only FedAvg's arguments this strategy honours are taken: it samples exactly
+        ``clients_per_round`` nodes itself and never evaluates on clients, so FedAvg's fractions
+        and minimum node counts would be silently ignored (passing them is a TypeError)."""
         if merge_weight not in ("examples", "clients"):
             raise ValueError(f"merge_weight {merge_weight!r} is not allowed: use 'examples' or "
                              "'clients'")
-        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
-        super().__init__(min_train_nodes=clients_per_round, **fedavg_kwargs)
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0,
+                         min_train_nodes=clients_per_round, weighted_by_key=weighted_by_key,
+                         arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key)
+        # The reply's MetricRecord (FedAvg has no argument for it; the ClientApp writes METRICS).
+        self.metricrecord_key = metricrecord_key
         self.clients_per_round = clients_per_round
         # FedAvg weighs a reply by its examples; HeteroFL counts clients (every reply weighs 1).
         self.merge_weight = merge_weight
@@ -87,7 +98,8 @@ class RankWiseFedAvg(FedAvg):
         self.clients = dict(clients)
 
     def client_arrays(self, spec: ClientSpec, global_arrays: Arrays) -> Arrays:
-        """The slice of the global arrays a client trains: its rank prefix (or given corner)."""
+        """The slice of the global arrays a client trains: the corner of ``spec.shapes``, or the
+        rank prefix of ``spec.ranks`` when no shapes were given."""
         if spec.shapes is not None:
             return corner_arrays(global_arrays, spec.shapes)
         return prefix_arrays(global_arrays, spec.ranks)
@@ -210,7 +222,7 @@ class RankWiseFedAvg(FedAvg):
     def _checked(self, node_id: int, message: Message) -> tuple[Arrays, float, MetricRecord]:
         """The reply's arrays, example count and metrics; InvalidReply if any check fails."""
         record = message.content.array_records.get(self.arrayrecord_key)
-        metrics = message.content.metric_records.get("metrics")
+        metrics = message.content.metric_records.get(self.metricrecord_key)
         if record is None or metrics is None:
             raise InvalidReply("reply lacks its 'arrays' or 'metrics' record")
         arrays = to_numpy(record)

@@ -453,3 +453,26 @@ def test_unanswered_clients_get_timeout_rows_and_their_bytes_count() -> None:
     assert metrics["sent"] == 5 and metrics["clients"] == 3
     assert metrics["bytes-down"] == sum(strategy._bytes_down.values())
     assert metrics["bytes-up"] == sum(r["bytes-up"] for r in strategy.client_rows)
+
+
+@pytest.mark.parametrize("argument", ["fraction_train", "min_available_nodes",
+                                      "fraction_evaluate", "min_evaluate_nodes"])
+def test_fedavg_arguments_the_strategy_would_ignore_are_refused(argument: str) -> None:
+    with pytest.raises(TypeError, match=argument):
+        RankWiseFedAvg(5, **{argument: 1})
+
+
+def test_reply_records_are_read_under_the_keys_given() -> None:
+    strategy = RankWiseFedAvg(5, seed=0, weighted_by_key="n", metricrecord_key="stats")
+    strategy.set_clients(make_strategy().clients)
+    messages = send(strategy)
+    replies = []
+    for i, m in enumerate(messages):
+        content = RecordDict({"arrays": to_record(trained(m, partition_of(strategy, m))),
+                              "stats": MetricRecord({"n": 10 + i, "train-loss": 1.0})})
+        replies.append(Message(content=content, reply_to=m))
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["clients"] == len(messages) and metrics["examples"] == sum(
+        10 + i for i in range(len(messages)))
+    _, metrics = strategy.aggregate_train(1, good_replies(strategy, messages))  # under "metrics"
+    assert metrics["clients"] == 0 and metrics["dropped-invalid"] == len(messages)
