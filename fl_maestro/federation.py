@@ -182,6 +182,7 @@ class Federation:
         self.world = load_world(cfg)
         self.clock = 0.0  # simulated seconds at the end of the last finished round
         self.client_rows: list[dict] = []  # every sampled client's row of the last round
+        self.injected_crashes = 0  # clients of the last round the device world told to crash
         self.saved_nodes: dict | None = None  # the checkpointed run's partitions and budgets
         self.start_round = 1
         # Budgets are fractions of the dense (undecomposed) model's cost, for every strategy:
@@ -334,6 +335,8 @@ class Federation:
                              self.strategy.clients[n], self.examples[n]) for n in nodes],
                 k, round_rng(self.cfg.seed, server_round))
             self.strategy.set_round(orders(fates))
+            # told to crash by their device profile: simulated faults, not a dying federation
+            self.injected_crashes = sum(f.crash for f in fates if f.trains)
         with timeline.phase(server_round, "training:configure"):
             messages = list(self.strategy.configure_train(server_round, to_record(self.arrays),
                                                           ConfigRecord(), self.grid))
@@ -387,8 +390,10 @@ class Federation:
 
     def check_replies(self, row: Mapping) -> None:
         """Stop the run when a round got fewer usable replies than ``min-reply-share`` asks of
-        the clients it sent to (clients the device world dropped before training do not count)."""
-        sent, usable = int(row.get("sent", 0)), int(row.get("clients", 0))
+        the clients it sent to. The device world's own faults do not count: clients it dropped
+        before training are not sent, and clients it told to crash are left out of the share."""
+        sent = int(row.get("sent", 0)) - self.injected_crashes
+        usable = int(row.get("clients", 0))
         if sent and usable < self.cfg.min_reply_share * sent:
             reasons = Counter(f"{r['outcome']}: {r['reason']}" for r in self.strategy.client_rows
                               if r["outcome"] not in USABLE)

@@ -79,7 +79,7 @@ def tail_ablation(run_dir: str | Path, fraction: float, samples: int = 0) -> pd.
     rows.append(("full rank, tail zeroed", "all",
                  accuracy(with_tails(arrays, initial, prefix, layers, "zero"))))
     return pd.DataFrame(rows, columns=["model", "tail of", "accuracy"]).assign(
-        round=rnd, **{"test examples": len(loader.dataset)})
+        round=rnd, **{"test examples": loader.num_examples})
 
 
 def main(argv: list[str] | None = None) -> int:
