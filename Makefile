@@ -53,10 +53,13 @@ test: venv data
 	$(PY) -m pytest -q
 
 # Speed targets live here, not in the tests; outputs are saved under results/bench/.
+# Every benchmark runs even when one fails; the target fails if any did.
 bench: venv data
-	$(PY) -m simulations.bench_layers --out results/bench
-	$(PY) -m simulations.bench_throughput --out results/bench
-	$(PY) -m simulations.bench_federation --out results/bench
+	status=0; \
+	$(PY) -m simulations.bench_layers --out results/bench || status=1; \
+	$(PY) -m simulations.bench_throughput --out results/bench || status=1; \
+	$(PY) -m simulations.bench_federation --out results/bench || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache

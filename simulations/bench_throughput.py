@@ -156,7 +156,14 @@ def bench(rounds: int, repeats: int, precisions: list[str], device: str) -> pd.D
     try:
         for repeat in range(repeats):
             for precision in precisions:
-                run = simulate(scratch, f"{precision}-{repeat}", rounds, precision)
+                try:
+                    run = simulate(scratch, f"{precision}-{repeat}", rounds, precision)
+                except subprocess.CalledProcessError as err:  # e.g. a run stopped by its checks
+                    log.error("repeat %d, %s: the run failed (exit %d); recorded, not timed",
+                              repeat, precision, err.returncode)
+                    rows.append({"repeat": repeat, "precision": precision, "device": device,
+                                 "failed": True})
+                    continue
                 loop = plain(run["train-examples"], run["eval-examples"], device)
                 rows.append(_row(repeat, precision, device, run, loop))
                 log.info("repeat %d, %s: ratio %.3f (CPU seconds: %.3f)", repeat, precision,
@@ -171,7 +178,7 @@ def _row(repeat: int, precision: str, device: str, run: dict, loop: dict) -> dic
     theirs = loop["training-seconds"] + loop["evaluation-seconds"]
     ours_cpu = run["training-cpu-seconds"] + run["evaluation-cpu-seconds"]
     theirs_cpu = loop["training-cpu-seconds"] + loop["evaluation-cpu-seconds"]
-    return {"repeat": repeat, "precision": precision, "device": device, **run,
+    return {"repeat": repeat, "precision": precision, "device": device, "failed": False, **run,
             **{f"plain-{k}": v for k, v in loop.items()},
             "training-ratio": run["training-seconds"] / loop["training-seconds"],
             "evaluation-ratio": run["evaluation-seconds"] / loop["evaluation-seconds"],
@@ -184,9 +191,13 @@ def summary(frame: pd.DataFrame) -> str:
     columns = ["training-seconds", "evaluation-seconds", "plain-training-seconds",
                "plain-evaluation-seconds", "training-ratio", "evaluation-ratio", "ratio",
                "cpu-ratio", "clients-per-second"]
+    failed = frame[frame["failed"]]
+    frame = frame[~frame["failed"]]
     table = frame.groupby(["device", "precision"])[columns].median().reset_index()
     spread = frame.groupby(["device", "precision"])["ratio"].agg(["min", "max"]).reset_index()
     lines = [table.to_markdown(index=False, floatfmt=".3f"), ""]
+    lines += [f"- {r['device']} {r['precision']}, repeat {r['repeat']}: the run FAILED (see the "
+              "log); not timed." for _, r in failed.iterrows()]
     for (_, row), (_, rng) in zip(table.iterrows(), spread.iterrows()):
         met = "met" if row["ratio"] <= TARGET else "NOT met"
         lines.append(f"- {row['device']} {row['precision']}: (training + evaluation) / plain loop "
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     text = summary(frame)
     (out / "throughput.md").write_text(f"# Throughput benchmark\n\n{machine()}\n\n{text}\n")
     print(text)
-    return 0
+    return 1 if frame["failed"].any() else 0  # the numbers are saved either way
 
 
 if __name__ == "__main__":

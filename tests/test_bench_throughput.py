@@ -38,3 +38,18 @@ def test_the_plain_cnn_has_the_default_models_layer_sizes() -> None:
     ours = CNN((1, 28, 28))
     assert sum(p.numel() for p in dense.parameters()) == ours.dense_cost("params")
     assert dense(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_summary_names_failed_runs_and_judges_the_others() -> None:
+    import pandas as pd
+
+    from simulations.bench_throughput import summary
+    timed = {"device": "cpu", "precision": "fp32", "failed": False, "training-seconds": 2.0,
+             "evaluation-seconds": 1.0, "plain-training-seconds": 6.0,
+             "plain-evaluation-seconds": 4.0, "training-ratio": 1 / 3, "evaluation-ratio": 0.25,
+             "ratio": 0.3, "cpu-ratio": 0.3, "clients-per-second": 5.0}
+    frame = pd.DataFrame([{**timed, "repeat": 0},
+                          {"repeat": 0, "precision": "bf16", "device": "cpu", "failed": True}])
+    text = summary(frame)
+    assert "cpu fp32: (training + evaluation) / plain loop = 0.300" in text and ": met." in text
+    assert "cpu bf16, repeat 0: the run FAILED" in text
