@@ -110,12 +110,17 @@ def paired_differences(frame: pd.DataFrame, compare: str, baseline: object, by: 
 def final_values(curves: pd.DataFrame, by: list[str], value: str = "accuracy",
                  k: int = LAST_K) -> pd.DataFrame:
     """Per group of ``by`` (e.g. run, kind, level): ``value`` at the last round and the mean over
-    the last ``k`` evaluated rounds (those where the group has a value), with the rounds used."""
+    the last ``k`` evaluated rounds (those where the group has a value), with the rounds used.
+
+    Round 0 (the initial model, before any training) is never part of the mean unless it is the
+    group's only evaluated round: in a short run evaluated every few rounds it would otherwise
+    pull the "final" accuracy toward chance."""
     if k < 1:
         raise ValueError(f"k={k!r} is out of range: allowed an integer >= 1")
     rows = []
     for key, group in curves.dropna(subset=[value]).groupby(by, sort=False):
-        tail = group.sort_values("round").tail(k)
+        trained = group[group["round"] > 0]
+        tail = (trained if len(trained) else group).sort_values("round").tail(k)
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key)), "last": float(tail[value].iloc[-1]),
                      "last-k": float(tail[value].mean()), "last-round": int(tail["round"].iloc[-1]),

@@ -100,7 +100,10 @@ def test_final_values_last_round_and_last_k_mean() -> None:
     assert table.loc[1.0, "last"] == pytest.approx(0.7)
     assert table.loc[1.0, "last-k"] == pytest.approx((0.6 + 0.8 + 0.7) / 3)
     assert table.loc[1.0, "first-round-of-k"] == 10 and table.loc[1.0, "k-used"] == 3
-    assert table.loc[0.5, "last-k"] == pytest.approx(0.3) and table.loc[0.5, "k-used"] == 2
+    # round 0 is the untrained model: never in the mean (here it would pull 0.4 down to 0.3)
+    assert table.loc[0.5, "last-k"] == pytest.approx(0.4) and table.loc[0.5, "k-used"] == 1
+    only_initial = pd.DataFrame({"run": "r", "round": [0], "accuracy": [0.1]})
+    assert final_values(only_initial, ["run"])["last-k"].iloc[0] == pytest.approx(0.1)
     assert final_values(curve, ["run"], k=1)["last-k"].iloc[0] == pytest.approx(0.7)
     with pytest.raises(ValueError, match="k=0"):
         final_values(curve, ["run"], k=0)
