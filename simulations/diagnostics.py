@@ -125,6 +125,8 @@ def plot_movement(components: pd.DataFrame, colors: dict) -> plt.Figure | None:
     for col, layer in enumerate(layers):
         mine = per[per["layer"] == layer]
         for group, rows in mine.groupby("group", sort=False):
+            if rows["moved"].isna().all():  # width-sliced models: no factors to follow
+                continue
             _band(axes[0, col], interval_frame(rows, ["component"], "moved"), "component",
                   colors[group], group if col == 0 else None)
             for value, style in (("importance", "-"), ("importance-init", "--")):

@@ -67,9 +67,13 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
 
 def interval_frame(frame: pd.DataFrame, by: list[str], value: str,
                    confidence: float = CONFIDENCE) -> pd.DataFrame:
-    """Per group of ``by``: mean, ci-low, ci-high, ci-half, std and n of ``value``."""
+    """Per group of ``by``: mean, ci-low, ci-high, ci-half, std and n of ``value``. Groups with
+    no value at all (e.g. factor movement of a width-sliced model, which has no factors) are
+    left out."""
     rows = []
     for key, group in frame.groupby(by, sort=False):
+        if group[value].isna().all():
+            continue
         iv = t_interval(group[value], confidence)
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key)), "mean": iv.mean, "ci-low": iv.low,

@@ -46,6 +46,8 @@ def test_interval_frame_groups() -> None:
     assert table.loc["a", "ci-low"] == pytest.approx(0.75 - half)
     assert table.loc["a", "std"] == pytest.approx(0.05)
     assert table.loc["b", "ci-half"] == pytest.approx(0.0) and table.loc["b", "n"] == 3
+    without = pd.concat([frame, pd.DataFrame({"method": ["c"] * 2, "acc": [math.nan] * 2})])
+    assert list(interval_frame(without, ["method"], "acc")["method"]) == ["a", "b"]  # c: no value
 
 
 def _pairs() -> pd.DataFrame:
