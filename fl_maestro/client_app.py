@@ -28,8 +28,7 @@ from fl_maestro.runtime import keep_freed_memory
 from fl_maestro.sampling import tier_grid
 from fl_maestro.width import build_width_model, set_scaler
 from fl_maestro.training import evaluate, step_rng, train
-from strategies.rankwise import METRICS
-from strategies.records import to_numpy, to_record
+from strategies.records import METRICS, to_numpy, to_record
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl_maestro import streams
 from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested,
                               prefix_arrays)
-from strategies.records import nbytes, to_numpy, to_record
+from strategies.records import METRICS, nbytes, to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ USABLE = ("ok", "partial")
 FAILED = ("straggler", "dropout", "error", "invalid", "timeout")
 
 Arrays = dict[str, np.ndarray]
-METRICS = "metrics"  # the MetricRecord of a training reply (fl_maestro.client_app writes it)
 
 
 @dataclass(frozen=True)

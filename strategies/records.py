@@ -7,6 +7,9 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+# The MetricRecord of a training reply: the ClientApp writes it, the strategies read it.
+METRICS = "metrics"
+
 Arrays = dict[str, np.ndarray]
 
 
