@@ -62,8 +62,6 @@ def fate_rows(server_round: int, fates: Sequence[Fate], sent_rows: Sequence[Mapp
             row = dict(by_partition[work.partition])
             if row["outcome"] == "ok" and fate.outcome == "partial":
                 row.update(outcome="partial", reason=fate.reason)
-            if row["outcome"] not in MERGED:
-                row["steps"] = row.get("steps", 0) if row["outcome"] == "invalid" else 0
             rows.append({**row, **timing})
         else:
             rows.append({"round": server_round, "partition-id": work.partition,

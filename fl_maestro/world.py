@@ -35,12 +35,14 @@ from fl_maestro.availability import Availability, parse_availability
 from fl_maestro.budgets import parse_mix
 from fl_maestro.devices import DEFAULT_TIER, DeviceProfile, check_profiles, parse_profiles, \
     profiles_for
+from strategies.rankwise import FAILED, USABLE
 
 POLICIES = ("wait", "drop", "partial")
 # Every sampled client's outcome, a row of clients.csv each: merged (ok, partial), decided before
-# training (straggler, dropout), or seen in its reply (error, invalid, timeout).
-OUTCOMES = ("ok", "partial", "straggler", "dropout", "error", "invalid", "timeout")
-MERGED = ("ok", "partial")
+# training (straggler, dropout), or seen in its reply (error, invalid, timeout). The strategy
+# declares them (strategies.rankwise: USABLE, FAILED); these are the world's names for them.
+MERGED = USABLE
+OUTCOMES = USABLE + FAILED
 
 
 def round_rng(seed: int, server_round: int) -> np.random.Generator:

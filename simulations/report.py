@@ -34,6 +34,7 @@ import pandas as pd
 from fl_maestro.devices import parse_profiles, profiles_for, profiles_frame
 from fl_maestro.results import TABLES, RunStore
 from fl_maestro.world import OUTCOMES
+from strategies.rankwise import FAILED
 from simulations.diagnostics import (components_frame, coverage_table, full_budget_clients,
                                      plot_coverage, plot_full_budget_clients, plot_movement)
 from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accuracy_vs_fraction,
@@ -177,7 +178,7 @@ def runs_table(runs: Sequence[Run], wide: pd.DataFrame, converged: pd.DataFrame)
         full = mine.loc[mine["level"].idxmax(), "accuracy"] if len(mine) else np.nan
         rounds = run.tables["rounds"]
         counts = {f"dropped-{o}": int(rounds[f"dropped-{o}"].sum()) if f"dropped-{o}" in rounds
-                  else 0 for o in OUTCOMES[2:]}
+                  else 0 for o in FAILED}
         rows.append({"run": run.name, "group": run.group, "seed": run.seed,
                      "rounds": int(run.tables["evaluation"]["round"].max()),
                      "full-rank accuracy": full,
@@ -261,8 +262,9 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
     wide = evaluation_wide(runs)
     finals = final_frame(wide, last_k)
     converged = run_convergence(wide, threshold=slope_threshold)
-    tables = _tables(runs, wide, finals, converged, baseline)
-    images = _images(runs, wide, finals, legend, colors, out)
+    components, full = components_frame(runs), full_budget_clients(runs)  # tables and plots
+    tables = _tables(runs, wide, finals, converged, baseline, components, full)
+    images = _images(runs, wide, finals, legend, colors, out, components, full)
     tables += [("outcomes", "What became of the sampled clients, per budget tier (shares of "
                 "sampled)", outcomes_table(runs)),
                ("device-profiles", "Device profiles of the simulated clock", profiles_table(runs))]
@@ -279,7 +281,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
 
 
 def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,
-            converged: pd.DataFrame, baseline: str | None) -> list[tuple[str, str, pd.DataFrame]]:
+            converged: pd.DataFrame, baseline: str | None, components: pd.DataFrame,
+            full: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     """The report's tables as (file name, caption, table), in page order."""
     tables = [("final-tier", "Final accuracy per budget tier",
                final_table(finals, "tier", converged))]
@@ -291,10 +294,8 @@ def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,
         base = baseline or default_baseline(finals)
         tables.append(("group-differences", f"Each group minus {base} (paired by seed)",
                        group_differences(finals, base)))
-    components = components_frame(runs)
     if not components.empty:
-        tables.append(("coverage", "Coverage per layer",
-                       coverage_table(components, full_budget_clients(runs))))
+        tables.append(("coverage", "Coverage per layer", coverage_table(components, full)))
     tables += [("final-fraction", "Final accuracy per rank fraction",
                 final_table(finals, "fraction", converged)),
                ("runs", "Runs", runs_table(runs, wide, converged))]
@@ -302,7 +303,8 @@ def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,
 
 
 def _images(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame, legend: str,
-            colors: dict, out: Path) -> list[tuple[str, Path]]:
+            colors: dict, out: Path, components: pd.DataFrame,
+            full: pd.DataFrame) -> list[tuple[str, Path]]:
     """Every plot the runs allow, saved under ``out``: (caption, PNG path) pairs."""
     figures = [(caption, name, plot(finals, legend, colors)) for name, caption, plot in PLOTS]
     figures.append(("Accuracy vs round and simulated time", "accuracy-over-time",
@@ -310,11 +312,9 @@ def _images(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame, legen
     if any(not r.tables["clients"].empty for r in runs):
         figures.append(("Communication", "communication",
                         plot_communication(runs, legend, colors)))
-        full = full_budget_clients(runs)
         if not full.empty:
             figures.append(("Full-budget clients per round", "full-budget-clients",
                             plot_full_budget_clients(full, colors)))
-    components = components_frame(runs)
     if not components.empty:
         figures.append(("Coverage", "coverage", plot_coverage(components, colors)))
         movement = plot_movement(components, colors)
