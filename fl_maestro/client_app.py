@@ -8,7 +8,6 @@ its device profile drew, ask the ClientApp to raise (``crash``).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -23,9 +22,8 @@ from fl_maestro.components import coverage_metrics
 from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, client_partition, load_dataset, make_loader
 from fl_maestro.models import model_arrays
-from fl_maestro.plans import HGL_BEYOND, TIER_GRID, local_training, model_for
+from fl_maestro.methods import get_method, recipe
 from fl_maestro.runtime import keep_freed_memory
-from fl_maestro.sampling import tier_grid
 from fl_maestro.width import build_width_model, set_scaler
 from fl_maestro.training import evaluate, step_rng, train
 from strategies.records import METRICS, to_numpy, to_record
@@ -82,23 +80,13 @@ def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server
             make_loader(x_train, y_train, val_idx, batch_size=256, device=device))
 
 
-def training_options(cfg: RunConfig, sent: ConfigRecord, model, loader) -> dict:
-    """``train``'s arguments as the strategy's paper has them: the sampler (FjORD's tier grid as
-    the server sent it), the loss, HGL's constants, HeteroFL's label mask and scaler."""
-    recipe = local_training(cfg)
-    sampler = recipe.sampler
-    if sampler == TIER_GRID:  # FjORD: the server sends the ranks of every tier <= this one
-        sampler = tier_grid(json.loads(str(sent[TIER_GRID])))
-    options = {"sampler": sampler, "distill": recipe.distill, "hgl_lambda": recipe.hgl_lambda}
-    if recipe.hgl_lambda > 0:
-        options["hgl_beyond"] = json.loads(str(sent[HGL_BEYOND]))
-    if recipe.masked_loss:  # the classes in this client's own training data
-        options["classes"] = torch.unique(loader.y).tolist()
-    if recipe.scaler:
+def prepare_model(cfg: RunConfig, model) -> None:
+    """Set up the received model as its method trains it: HeteroFL's scaler divides every sliced
+    layer's output by its width rate."""
+    if get_method(cfg.strategy).local(cfg).scaler:
         full = build_width_model(cfg.model, DATASET_SHAPES[cfg.dataset],
                                  NUM_CLASSES[cfg.dataset], device="meta")
         set_scaler(model, full.max_ranks())
-    return options
 
 
 @app.train()
@@ -124,21 +112,20 @@ def train_prefix(msg: Message, context: Context) -> Message:
     # Ray hides GPUs from actors given client-resources-num-gpus = 0, so this is the CPU there.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with _timed(took, "build"):
-        model = model_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
-                          NUM_CLASSES[cfg.dataset], arrays, device=device)
+        model = get_method(cfg.strategy).model_family.from_arrays(
+            cfg.model, DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset], arrays,
+            device=device)
     with _timed(took, "data"):
         loader, val_loader = local_loaders(cfg, partition_id, num_partitions, server_round, device)
     # The received model on this device's own held-out data, at the ranks it runs: what a
     # device of this tier would see locally, before it trains.
     with _timed(took, "validate"):
         local = evaluate(model, val_loader, precision=cfg.precision)
-    options = training_options(cfg, config, model, loader)
-    result = train(model, loader, model.max_ranks(), options.pop("sampler"), cfg.local_epochs,
-                   cfg.lr_at(server_round), cfg.momentum, cfg.weight_decay,
-                   options.pop("distill"), options.pop("hgl_lambda"),
-                   rng=step_rng(cfg.seed, server_round, partition_id),
-                   optimizer=cfg.optimizer, precision=cfg.precision,
-                   max_steps=int(config["steps"]) if "steps" in config else None, **options)
+    prepare_model(cfg, model)
+    # the classes in this client's own training data (a masked loss keeps only these)
+    local_recipe = recipe(cfg, server_round, config, torch.unique(loader.y).tolist())
+    result = train(model, loader, local_recipe, model.max_ranks(),
+                   rng=step_rng(cfg.seed, server_round, partition_id))
     with _timed(took, "encode"):
         reply = to_record(model_arrays(model))
     metrics = MetricRecord({
@@ -149,8 +136,8 @@ def train_prefix(msg: Message, context: Context) -> Message:
         "val-examples": local["examples"], **{f"{k}-seconds": v for k, v in took.items()},
         **coverage_metrics(result["coverage"]),
     })
-    if "classes" in options:  # HeteroFL merges the output rows of these classes only
-        metrics["classes"] = [int(c) for c in options["classes"]]
+    if local_recipe.classes is not None:  # HeteroFL merges the output rows of these classes only
+        metrics["classes"] = [int(c) for c in local_recipe.classes]
     return Message(content=RecordDict({"arrays": reply, METRICS: metrics}), reply_to=msg)
 
 

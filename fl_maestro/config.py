@@ -9,6 +9,7 @@ check)``); ``KEYS`` and ``defaults()`` are read from them, and a test checks
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,10 +19,9 @@ from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS, RANK_CAPS
 from fl_maestro.precision import PRECISIONS
-from fl_maestro.training import OPTIMIZERS
+from fl_maestro.methods import MERGE_WEIGHTS, METHODS, method_keys
 from fl_maestro.sampling import SAMPLERS
-
-from fl_maestro.plans import RANK_STRATEGIES, STRATEGIES
+from fl_maestro.training import OPTIMIZERS
 from fl_maestro.world import POLICIES
 
 
@@ -97,7 +97,8 @@ class RunConfig:
     dataset: str = key("fashion-mnist", f"one of {tuple(sorted(DATASET_SHAPES))}",
                        lambda v: v in DATASET_SHAPES)
     model: str = key("cnn", f"one of {tuple(sorted(MODELS))}", lambda v: v in MODELS)
-    strategy: str = key("rankwise", f"one of {STRATEGIES}", lambda v: v in STRATEGIES)
+    strategy: str = key("rankwise", f"one of {tuple(METHODS)} (fl_maestro.methods)",
+                        lambda v: v in METHODS)
     num_rounds: int = key(20, "an integer >= 1", _int(1))
     clients_per_round: int = key(10, "an integer >= 1", _int(1))
     device_mix: str = key("0.2:0.2,0.4:0.2,0.6:0.2,0.8:0.2,1.0:0.2",
@@ -136,9 +137,9 @@ class RunConfig:
                                      "classes in the client's data)", _is_bool)
     heterofl_scaler: bool = key(True, "true or false (HeteroFL's scaler: sliced layers' outputs "
                                 "divided by the client's width rate in training)", _is_bool)
-    heterofl_merge_weight: str = key("clients", "one of ('clients', 'examples') (HeteroFL averages "
+    heterofl_merge_weight: str = key("clients", f"one of {MERGE_WEIGHTS} (HeteroFL averages "
                                      "each element over the clients holding it, by count)",
-                                     lambda v: v in ("clients", "examples"))
+                                     lambda v: v in MERGE_WEIGHTS)
     hgl_lambda: float = key(0.0, "a number >= 0", _number(0, math.inf))
     shrink_every: int = key(0, "an integer >= 0 (rounds between progressive shrinking; 0: off)",
                             _int(0))
@@ -176,6 +177,16 @@ class RunConfig:
                                  _number(0, 1))
     tensorboard: bool = key(False, "true or false (TensorBoard scalars in "
                             "results/<run>/tensorboard; needs the 'tensorboard' extra)", _is_bool)
+
+    @functools.cached_property
+    def mix(self) -> list[tuple[float, float]]:
+        """The device mix, parsed once: sorted ``(budget, share)`` pairs."""
+        return parse_mix(self.device_mix)
+
+    @property
+    def tiers(self) -> list[float]:
+        """The device mix's budgets, ascending."""
+        return [budget for budget, _ in self.mix]
 
     @property
     def fractions(self) -> list[float]:
@@ -227,25 +238,11 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
-# Keys only some strategies read, and which. Under any other strategy a value other than the
-# default is refused: the strategy would ignore it. (Flower fills every key in from pyproject, so
-# a key at its default cannot be told from one the user left out; the default is always accepted.)
-_BUDGETED = tuple(s for s in STRATEGIES if s != "fedavg-full")
-STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
-    "sampler": ("rankwise",),
-    "distill": ("rankwise",),
-    "hgl-lambda": ("rankwise",),
-    "shrink-every": ("rankwise",),
-    "shrink-threshold": ("rankwise",),
-    "rank-allocation": ("rankwise", "fedavg-smallest", "fedavg-exclusive"),
-    "init": RANK_STRATEGIES,
-    "rank-cap": RANK_STRATEGIES,
-    "cost": _BUDGETED,
-    "fjord-kd": ("fjord",),
-    "heterofl-masked-loss": ("heterofl",),
-    "heterofl-scaler": ("heterofl",),
-    "heterofl-merge-weight": ("heterofl",),
-}
+# Keys only some strategies read, and which (each method declares its own: Method.keys). Under
+# any other strategy a value other than the default is refused: the strategy would ignore it.
+# (Flower fills every key in from pyproject, so a key at its default cannot be told from one the
+# user left out; the default is always accepted.)
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = method_keys()
 
 
 def _why(name: str, value: Any) -> str:

@@ -23,14 +23,13 @@ from flwr.serverapp import Grid
 from safetensors.numpy import load_file
 
 from fl_maestro import streams
-from fl_maestro.budgets import assign_budgets, parse_mix
+from fl_maestro.budgets import assign_budgets
 from fl_maestro.components import component_rows, coverage_from_metrics
 from fl_maestro.config import RunConfig, defaults
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
 from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
-from fl_maestro.plans import (HGL_BEYOND, TIER_GRID, build_for, is_width, local_training, model_for,
-                              plan_ranks, takes_part, tier_grid_ranks)
+from fl_maestro.methods import HGL_BEYOND, TIER_GRID, Planning, get_method, tier_grid_ranks
 from fl_maestro.results import RunLock, RunStore, check_finite
 from fl_maestro.rounds import client_work, fate_rows, orders, round_totals
 from fl_maestro.scalars import Scalars
@@ -108,7 +107,7 @@ def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, floa
     counts = {int(info["num-partitions"]) for info in nodes.values()}
     if len(counts) != 1:
         raise ValueError(f"nodes disagree on num-partitions: {sorted(counts)}")
-    mix_budgets = assign_budgets(cfg.device_mix, counts.pop(), streams.rng(cfg.seed, "budgets"))
+    mix_budgets = assign_budgets(cfg.mix, counts.pop(), streams.rng(cfg.seed, "budgets"))
     return {node: float(info["budget"]) if "budget" in info
             else float(mix_budgets[int(info["partition-id"])]) for node, info in nodes.items()}
 
@@ -154,8 +153,9 @@ def initial_arrays(cfg: RunConfig) -> dict[str, np.ndarray]:
     """The global model at round 0: drawn from the run's seed, or SVD of a dense model."""
     with torch.random.fork_rng():
         torch.manual_seed(streams.seed_int(cfg.seed, "init"))
-        model = build_for(cfg.strategy, cfg.model, DATASET_SHAPES[cfg.dataset],
-                          NUM_CLASSES[cfg.dataset], rank_cap=cfg.rank_cap)
+        model = get_method(cfg.strategy).model_family.build(
+            cfg.model, DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset],
+            rank_cap=cfg.rank_cap)
     if cfg.init.startswith("svd:"):
         load_dense_state(model, load_file(cfg.init[4:]))
         log.info("initialised every factor pair by SVD of %s", cfg.init[4:])
@@ -169,13 +169,12 @@ class Federation:
         self.grid, self.cfg = grid, cfg
         self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
         self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
-        strategy_class = WidthFedAvg if is_width(cfg.strategy) else RankWiseFedAvg
-        heterofl = cfg.strategy == "heterofl"
+        self.method = method = get_method(cfg.strategy)
+        strategy_class = WidthFedAvg if method.model_family.cut_shared else RankWiseFedAvg
         self.strategy = strategy_class(
-            cfg.clients_per_round, seed=cfg.seed,
-            merge_weight=cfg.heterofl_merge_weight if heterofl else "examples",
-            label_rows=OUTPUT_ROWS if heterofl and cfg.heterofl_masked_loss else ())
-        self.tiers = [b for b, _ in parse_mix(cfg.device_mix)]
+            cfg.clients_per_round, seed=cfg.seed, merge_weight=method.merge_weight(cfg),
+            label_rows=OUTPUT_ROWS if method.label_rows(cfg) else ())
+        self.tiers = list(cfg.tiers)
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
         self.examples: dict[int, int] = {}
@@ -226,17 +225,21 @@ class Federation:
     def global_model(self) -> RankedModel:
         """The current global model at its maximum ranks (on the GPU when there is one)."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return model_for(self.cfg.strategy, self.cfg.model, self.shape, self.classes, self.arrays,
-                         device)
+        return self.method.model_family.from_arrays(self.cfg.model, self.shape, self.classes,
+                                                    self.arrays, device)
 
-    def plan(self, model: RankedModel, budget: float) -> dict[str, int]:
+    def planning(self, server_round: int) -> Planning:
+        """What this run's plans read beside the model and a device's budget."""
+        return Planning(tuple(self.tiers), self.cfg.rank_allocation, self.cfg.cost,
+                        self.reference_cost, server_round)
+
+    def plan(self, model: RankedModel, budget: float, server_round: int) -> dict[str, int]:
         """The ranks a device of ``budget`` trains and runs under this run's strategy.
 
         Budgets stay fractions of the original full-rank model's cost: when shrinking makes the
         global model smaller, a device still affords what it did, so it gets more of the model.
         """
-        return plan_ranks(self.cfg.strategy, model, budget, self.tiers, self.cfg.rank_allocation,
-                          self.cfg.cost, self.reference_cost)
+        return self.method.plan(model, budget, self.planning(server_round))
 
     def set_nodes(self, nodes: Mapping[int, Mapping]) -> None:
         """Learn every node's partition and budget (node config, else the device mix)."""
@@ -247,7 +250,7 @@ class Federation:
         self._check_same_nodes(nodes)
         # Deployment budgets from node configs are tiers too, evaluated and planned for.
         self.tiers = sorted(set(self.tiers) | set(self.budgets.values()))
-        taking_part = sum(takes_part(self.cfg.strategy, b) for b in self.budgets.values())
+        taking_part = sum(self.method.takes_part(b) for b in self.budgets.values())
         if not taking_part:
             raise ValueError(f"strategy {self.cfg.strategy!r}: no node takes part with budgets "
                              f"{sorted(set(self.budgets.values()))}")
@@ -272,30 +275,28 @@ class Federation:
                                  f"{key}: saved {self.saved_nodes[key]}, now {now[key]}; resume "
                                  "with the same number of SuperNodes (and node configs)")
 
-    def replan(self) -> RankedModel:
+    def replan(self, server_round: int) -> RankedModel:
         """Give the strategy every taking-part node's ranks on the current global model (which
         is returned: it prices the round's local steps)."""
         model = self.global_model()
-        ranks = {b: self.plan(model, b) for b in set(self.budgets.values())}
+        ranks = {b: self.plan(model, b, server_round) for b in set(self.budgets.values())}
         shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
-        extra = {b: self.client_config(model, b, r) for b, r in ranks.items()}
+        extra = {b: self.client_config(model, b, r, server_round) for b, r in ranks.items()}
         self.strategy.set_clients({
             n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b], self.examples.get(n))
-            for n, b in self.budgets.items() if takes_part(self.cfg.strategy, b)})
+            for n, b in self.budgets.items() if self.method.takes_part(b)})
         return model
 
-    def client_config(self, model: RankedModel, budget: float,
-                      ranks: Mapping[str, int]) -> dict[str, str]:
+    def client_config(self, model: RankedModel, budget: float, ranks: Mapping[str, int],
+                      server_round: int) -> dict[str, str]:
         """What a device needs beside its slice: FjORD's tier grid; for HGL, the squared norms
         of the components past its ranks (its groups are the global model's groups)."""
-        cfg = self.cfg
-        recipe = local_training(cfg)
+        local = self.method.local(self.cfg)
         extra = {}
-        if recipe.sampler == TIER_GRID:
-            grid = tier_grid_ranks(cfg.strategy, model, budget, self.tiers, cfg.cost,
-                                   self.reference_cost)
+        if local.sampler == TIER_GRID:
+            grid = tier_grid_ranks(self.method, model, budget, self.planning(server_round))
             extra[TIER_GRID] = json.dumps(grid)
-        if recipe.hgl_lambda > 0:
+        if local.hgl_lambda > 0:
             extra[HGL_BEYOND] = json.dumps(tail_constants(self.arrays, ranks))
         return extra
 
@@ -308,7 +309,7 @@ class Federation:
         model = self.global_model()
         loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200,
                              device=next(model.parameters()).device)
-        tiers = {b: self.plan(model, b) for b in self.tiers}
+        tiers = {b: self.plan(model, b, server_round) for b in self.tiers}
         return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,
                                self.cfg.precision)
 
@@ -326,7 +327,7 @@ class Federation:
         start, timeline = time.perf_counter(), timeline or Timeline()
         k = self.cfg.clients_per_round
         with timeline.phase(server_round, "training:plan"):
-            model = self.replan()
+            model = self.replan(server_round)
             members = {n: (s.partition_id, s.budget) for n, s in self.strategy.clients.items()}
             begin, online = self.world.round_start(members, self.clock)
             nodes = self.strategy.sample_nodes(self.grid, online, self.world.sample_size(k))

@@ -10,15 +10,13 @@ straggler or a dropout downloaded its slice before it was given up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from fl_maestro.config import RunConfig
 from fl_maestro.models import RankedModel
-from fl_maestro.plans import TIER_GRID, local_training
-from fl_maestro.sampling import tier_grid
+from fl_maestro.methods import recipe
 from fl_maestro.training import batch_sizes, planned_step_macs, step_rng
 from fl_maestro.world import MERGED, OUTCOMES, Fate, Work
 from strategies.rankwise import ClientSpec
@@ -32,14 +30,11 @@ def client_work(cfg: RunConfig, server_round: int, model: RankedModel,
     draws its ClientApp makes) and the bytes of its slice each way."""
     order = list(model.max_ranks())  # the client's model lists its layers in this order
     ranks = {name: spec.ranks[name] for name in order}
-    recipe = local_training(cfg)  # what the ClientApp trains (client_app.training_options)
-    sampler = recipe.sampler
-    if sampler == TIER_GRID:  # FjORD: the tiers the server sends this client
-        sampler = tier_grid(json.loads(str(spec.config[TIER_GRID])))
-    macs = planned_step_macs(model, ranks, sampler,
+    local = recipe(cfg, server_round, spec.config)  # what its ClientApp will train with
+    macs = planned_step_macs(model, ranks, local.sampler,
                              step_rng(cfg.seed, server_round, spec.partition_id),
-                             batch_sizes(train_examples, cfg.batch_size, cfg.local_epochs),
-                             recipe.distill)
+                             batch_sizes(train_examples, cfg.batch_size, local.epochs),
+                             local.distill)
     size = slice_nbytes(arrays, spec.shapes or {})
     return Work(node, spec.partition_id, spec.budget, tuple(macs), size, size)
 

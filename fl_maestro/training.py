@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,29 +49,54 @@ TRAIN_MACS_PER_FORWARD = 3
 OPTIMIZERS = ("corner", "sgd")
 
 
-def train(model: RankedModel, loader: Iterable, max_ranks: Mapping[str, int] | None = None,
-          sampler: str | Sampler = "single-layer", epochs: int = 1, lr: float = 0.05,
-          momentum: float = 0.9, weight_decay: float = 1e-4, distill: bool = True,
-          hgl_lambda: float = 0.0, rng: np.random.Generator | None = None,
-          optimizer: str = "corner",
-          hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
-          classes: Iterable[int] | None = None, precision: str = "fp32",
-          max_steps: int | None = None) -> dict[str, float]:
-    """Train ``model`` in place with ordered dropout inside ``max_ranks``; return plain metrics.
+@dataclass(frozen=True)
+class Recipe:
+    """How a client trains locally, built once from its method and the run config
+    (``fl_maestro.methods.recipe``) and passed unchanged to ``train``.
 
+    ``sampler`` draws each step's rank prefix; ``distill`` turns on the self-distilling loss;
+    ``hgl_lambda`` the hierarchical group lasso, with ``hgl_beyond`` the server's constants for the
+    components past the client's; ``classes`` masks the loss to the client's classes (HeteroFL);
     ``max_steps`` stops training after that many steps (a straggler's partial work).
+    """
+
+    sampler: str | Sampler = "single-layer"
+    distill: bool = True
+    hgl_lambda: float = 0.0
+    hgl_beyond: Mapping[str, tuple[float, float]] | None = None
+    classes: tuple[int, ...] | None = None
+    epochs: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "corner"
+    precision: str = "fp32"
+    max_steps: int | None = None
+
+
+def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
+          max_ranks: Mapping[str, int] | None = None,
+          rng: np.random.Generator | None = None) -> dict[str, float]:
+    """Train ``model`` in place with ordered dropout inside ``max_ranks`` as ``recipe`` says;
+    return plain metrics.
+
     Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
     labels), ``examples`` (training-set size), ``steps``, ``seconds``, ``macs`` (training MACs,
     the same per step as ``planned_step_macs`` predicts) and ``coverage`` (per layer, the steps
     whose loss reached each component).
     """
+    sampler, epochs, distill, hgl_lambda = (recipe.sampler, recipe.epochs, recipe.distill,
+                                            recipe.hgl_lambda)
+    hgl_beyond, classes, precision, max_steps = (recipe.hgl_beyond, recipe.classes,
+                                                 recipe.precision, recipe.max_steps)
     max_ranks = dict(model.max_ranks() if max_ranks is None else max_ranks)
     model.set_ranks(max_ranks)  # validates the ranks
     draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
     rng = np.random.default_rng(0) if rng is None else rng
     check_precision(precision)
     fmt = use_fast_layout(model)  # before make_step: momentum buffers take the parameters' layout
-    step = make_step(model, optimizer, lr, momentum, weight_decay, max_ranks)
+    step = make_step(model, recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
+                     max_ranks)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
     absent = None

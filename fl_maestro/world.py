@@ -32,7 +32,6 @@ import numpy as np
 
 from fl_maestro import streams
 from fl_maestro.availability import Availability, parse_availability
-from fl_maestro.budgets import parse_mix
 from fl_maestro.devices import DEFAULT_TIER, DeviceProfile, check_profiles, parse_profiles, \
     profiles_for
 from strategies.rankwise import FAILED, USABLE
@@ -182,7 +181,7 @@ class DeviceWorld:
 def load_world(cfg) -> DeviceWorld:
     """The device world a run config describes; ValueError naming the key, value and what is
     allowed (files are read here, so call it before anything starts)."""
-    tiers = [b for b, _ in parse_mix(cfg.device_mix)]
+    tiers = cfg.tiers
     overrides = _checked("device-profiles", cfg.device_profiles,
                          lambda v: _profiles(v, tiers))
     availability = _checked("availability", cfg.availability,

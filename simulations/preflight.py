@@ -19,7 +19,7 @@ from fl_maestro.budgets import assign_budgets
 from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.data import load_dataset
 from fl_maestro.federation import resume_changes
-from fl_maestro.plans import takes_part
+from fl_maestro.methods import get_method
 from fl_maestro.results import RunLock, RunStore
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def _check_nodes(cfg: RunConfig, supernodes: int, saved_nodes: Mapping | None) -
     if saved_nodes is not None and saved_nodes.get("num-partitions") != supernodes:
         raise PreflightError(f"resume=true with {supernodes} SuperNodes, but the checkpointed run "
                              f"had {saved_nodes.get('num-partitions')}: resume with as many")
-    budgets = assign_budgets(cfg.device_mix, supernodes, streams.rng(cfg.seed, "budgets"))
-    taking_part = sum(takes_part(cfg.strategy, float(b)) for b in budgets)
+    budgets = assign_budgets(cfg.mix, supernodes, streams.rng(cfg.seed, "budgets"))
+    taking_part = sum(get_method(cfg.strategy).takes_part(float(b)) for b in budgets)
     if taking_part == 0:
         raise PreflightError(f"strategy {cfg.strategy!r}: none of the {supernodes} nodes takes "
                              f"part with budgets {sorted(set(budgets.tolist()))} (device-mix "

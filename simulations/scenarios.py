@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fl_maestro.plans import STRATEGIES
+from fl_maestro.methods import METHODS
 
 SUPERNODES = "supernodes"  # the federation-config axis; every other key is a run-config key
 
@@ -73,7 +73,7 @@ def label(value: Any) -> str:
 DEVICE_MIXES = ("1.0:1.0", "0.2:0.2,0.4:0.2,0.6:0.2,0.8:0.2,1.0:0.2", "0.2:0.5,1.0:0.5",
                 "0.2:0.8,1.0:0.2")
 
-STRATEGY_NAMES = STRATEGIES  # every registered method, baselines included
+STRATEGY_NAMES = tuple(METHODS)  # every registered method, baselines included
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("default", "the default experiment: Fashion-MNIST, CNN, 100 clients, five tiers"),

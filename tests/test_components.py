@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from fl_maestro.components import (StepCounter, component_rows, coverage_from_metrics,
                                    coverage_metrics, movement, sum_coverage)
 from fl_maestro.models import CNN
-from fl_maestro.training import train
+from fl_maestro.training import Recipe, train
 
 
 def test_step_counter_counts_the_trained_prefixes() -> None:
@@ -81,8 +81,8 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_training_counts_the_steps_that_reach_each_component(batches, distill: bool) -> None:
     model = CNN((1, 8, 8), 10)
     max_ranks = {"conv2": 8, "fc": 16}
-    out = train(model, batches, max_ranks, "single-layer", epochs=2, distill=distill,
-                rng=np.random.default_rng(0))
+    out = train(model, batches, Recipe(sampler="single-layer", epochs=2, distill=distill),
+                max_ranks, rng=np.random.default_rng(0))
     steps = out["steps"]
     for name, rank in max_ranks.items():
         counts = out["coverage"][name]

@@ -18,9 +18,9 @@ from fl_maestro.federation import initial_arrays, run_federation
 from fl_maestro.budgets import ranks_for_budget
 from fl_maestro.models import build_model, model_arrays, model_from_arrays
 from fl_maestro.shrinking import hgl_penalty, tail_constants
-from fl_maestro.training import train
+from fl_maestro.training import Recipe, train
 from fl_maestro.width import build_width_model, set_scaler
-from fl_maestro.plans import STRATEGIES
+from fl_maestro.methods import METHODS
 from fl_maestro.results import RunStore
 from simulations.inprocess import InProcessGrid
 from simulations.scenarios import SCENARIOS
@@ -93,7 +93,7 @@ STRATEGY_KEY_CASES = [(key, value) for key, value in [
 @pytest.mark.parametrize(("key", "value"), STRATEGY_KEY_CASES)
 def test_keys_a_strategy_ignores_are_refused(key, value):
     assert KEYS[key].default != value
-    for strategy in STRATEGIES:
+    for strategy in METHODS:
         config = {"strategy": strategy, key: value}
         if strategy in STRATEGY_KEYS[key]:
             assert parse_run_config(config).strategy == strategy
@@ -106,7 +106,7 @@ def test_keys_a_strategy_ignores_are_refused(key, value):
 
 
 def test_every_strategy_accepts_the_defaults():
-    for strategy in STRATEGIES:
+    for strategy in METHODS:
         assert parse_run_config({**defaults(), "strategy": strategy}).strategy == strategy
 
 
@@ -213,8 +213,8 @@ def test_masked_loss_gives_absent_classes_no_gradient():
     model = build_model("mlp", (1, 8, 8), 10)
     x, y = torch.randn(16, 1, 8, 8), torch.tensor([2, 5] * 8)
     before = model.classifier.weight.detach().clone()
-    train(model, [(x, y)], sampler="none", lr=0.5, momentum=0.0, weight_decay=0.0,
-          distill=False, classes=[2, 5])
+    train(model, [(x, y)], Recipe(sampler="none", lr=0.5, momentum=0.0, weight_decay=0.0,
+                                  distill=False, classes=(2, 5)))
     changed = (model.classifier.weight != before).any(1)
     assert changed.tolist() == [i in (2, 5) for i in range(10)]
 

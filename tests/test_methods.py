@@ -15,7 +15,7 @@ from fl_maestro.models import (MLP, build_model, dense_state, load_dense_state, 
 from fl_maestro.shrinking import importance, tail_constants
 from strategies.merge import prefix_arrays
 from strategies.records import nbytes
-from fl_maestro.plans import plan_ranks, takes_part
+from fl_maestro.methods import Planning, get_method
 from fl_maestro.results import RunStore
 from fl_maestro.width import build_width_model
 from simulations.inprocess import InProcessGrid
@@ -61,6 +61,15 @@ def test_dense_state_of_another_architecture_is_refused():
     state.pop("fc.bias")
     with pytest.raises(ValueError, match="fc.bias"):
         load_dense_state(_cnn(), state)
+
+
+def plan_ranks(strategy: str, model, budget: float, tiers) -> dict[str, int]:
+    """The ranks ``strategy`` gives a device of ``budget`` among ``tiers`` (round 1)."""
+    return get_method(strategy).plan(model, budget, Planning(tuple(tiers)))
+
+
+def takes_part(strategy: str, budget: float) -> bool:
+    return get_method(strategy).takes_part(budget)
 
 
 def test_plans_of_the_baselines():
@@ -203,12 +212,12 @@ def _captured_training(tmp_path, monkeypatch, **extra) -> list[dict]:
     import fl_maestro.client_app as client_app
     calls, real_train = [], client_app.train
 
-    def spy(model, loader, max_ranks, sampler, *args, **kwargs):
-        calls.append({"max_ranks": dict(max_ranks), "sampler": sampler, "distill": args[4],
-                      "hgl": args[5], **kwargs, "scales": {
-                          n: getattr(m, "train_scale", None)
-                          for n, m in model.ranked_layers().items()}})
-        return real_train(model, loader, max_ranks, sampler, *args, **kwargs)
+    def spy(model, loader, recipe, max_ranks, **kwargs):
+        given = {k: v for k, v in vars(recipe).items() if v is not None}
+        calls.append({**given, "max_ranks": dict(max_ranks), "hgl": recipe.hgl_lambda,
+                      "scales": {n: getattr(m, "train_scale", None)
+                                 for n, m in model.ranked_layers().items()}})
+        return real_train(model, loader, recipe, max_ranks, **kwargs)
     monkeypatch.setattr(client_app, "train", spy)
     _run(tmp_path, **{"num-rounds": 1, **extra})
     return calls

@@ -13,7 +13,7 @@ from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.models import CNN, MLP, ResNet18, model_arrays, pool_relu
 from fl_maestro.precision import (autocast, check_precision, memory_format, to_device,
                                   use_fast_layout)
-from fl_maestro.training import evaluate, train
+from fl_maestro.training import Recipe, evaluate, train
 from fl_maestro.width import build_width_model
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -29,8 +29,9 @@ def _trained_cnn(digits, precision: str = "fp32", seed: int = 0, epochs: int = 1
     x, y, _, _ = digits
     torch.manual_seed(seed)
     model = CNN(input_shape=(1, 8, 8))
-    train(model, make_loader(x, y, batch_size=32, shuffle=True, seed=seed), epochs=epochs,
-          lr=lr, distill=False, rng=np.random.default_rng(seed), precision=precision)
+    train(model, make_loader(x, y, batch_size=32, shuffle=True, seed=seed),
+          Recipe(epochs=epochs, lr=lr, distill=False, precision=precision),
+          rng=np.random.default_rng(seed))
     return model
 
 
@@ -82,7 +83,7 @@ def test_unknown_precision_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match="precision='fp8'.*fp32"):
         check_precision("fp8")
     with pytest.raises(ValueError, match="precision='fp16'"):
-        train(MLP((1, 8, 8)), [], precision="fp16")
+        train(MLP((1, 8, 8)), [], Recipe(precision="fp16"))
 
 
 def test_fast_layout_restrides_conv_parameters_in_place_and_keeps_arrays_contiguous() -> None:

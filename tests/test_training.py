@@ -21,7 +21,7 @@ from fl_maestro.shrinking import (
     shrink_ranks,
     tail_norms,
 )
-from fl_maestro.training import evaluate, train
+from fl_maestro.training import Recipe, evaluate, train
 
 
 def _hand_layer() -> LowRankLinear:
@@ -149,9 +149,9 @@ def test_train_never_touches_components_past_max_ranks(digits, distill: bool, op
     max_ranks = {"conv2": 8, "fc": 16}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = _batches(*digits, 64, 0)[:8]
-    metrics = train(model, loader, max_ranks, sampler="independent", epochs=2, lr=0.05,
-                    momentum=0.9, weight_decay=1e-2, distill=distill, hgl_lambda=1e-2,
-                    rng=np.random.default_rng(0), optimizer=optimizer)
+    recipe = Recipe(sampler="independent", epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-2,
+                    distill=distill, hgl_lambda=1e-2, optimizer=optimizer)
+    metrics = train(model, loader, recipe, max_ranks, rng=np.random.default_rng(0))
     after = model.state_dict()
     for name, r in max_ranks.items():
         assert torch.equal(after[f"{name}.U"][:, r:], before[f"{name}.U"][:, r:]), name
@@ -170,9 +170,10 @@ def test_corner_steps_equal_textbook_steps_when_every_step_trains_the_whole_corn
     for optimizer in ("corner", "sgd"):
         torch.manual_seed(0)
         model = CNN((1, 8, 8), 10)
-        train(model, _batches(*digits, 64, 0)[:6], {"conv2": 8, "fc": 16}, "independent",
-              epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-2, distill=True,
-              rng=np.random.default_rng(0), optimizer=optimizer)
+        recipe = Recipe(sampler="independent", epochs=2, lr=0.05, momentum=0.9,
+                        weight_decay=1e-2, distill=True, optimizer=optimizer)
+        train(model, _batches(*digits, 64, 0)[:6], recipe, {"conv2": 8, "fc": 16},
+              rng=np.random.default_rng(0))
         models[optimizer] = model.state_dict()
     for name, value in models["sgd"].items():
         torch.testing.assert_close(models["corner"][name], value, rtol=1e-5, atol=1e-6, msg=name)
@@ -184,9 +185,10 @@ def test_plain_ordered_dropout_differs_by_optimizer_only_in_what_sits_out(digits
     for optimizer in ("corner", "sgd"):
         torch.manual_seed(0)
         model = CNN((1, 8, 8), 10)
-        train(model, _batches(*digits, 64, 0)[:6], {"conv2": 8, "fc": 16}, "independent",
-              lr=0.05, momentum=0.9, distill=False, rng=np.random.default_rng(0),
-              optimizer=optimizer)
+        recipe = Recipe(sampler="independent", lr=0.05, momentum=0.9, distill=False,
+                        optimizer=optimizer)
+        train(model, _batches(*digits, 64, 0)[:6], recipe, {"conv2": 8, "fc": 16},
+              rng=np.random.default_rng(0))
         states.append(model.state_dict())
     assert not torch.equal(states[0]["fc.U"], states[1]["fc.U"])
     assert torch.equal(states[0]["fc.U"][:, 16:], states[1]["fc.U"][:, 16:])  # past max: untouched
@@ -194,12 +196,12 @@ def test_plain_ordered_dropout_differs_by_optimizer_only_in_what_sits_out(digits
 
 def test_train_rejects_an_unknown_optimizer() -> None:
     with pytest.raises(ValueError, match=r"optimizer='adam' is not allowed.*corner"):
-        train(CNN((1, 8, 8), 10), [], optimizer="adam")
+        train(CNN((1, 8, 8), 10), [], Recipe(optimizer="adam"))
 
 
 def test_train_rejects_ranks_beyond_the_layer() -> None:
     with pytest.raises(ValueError, match=r"rank=65"):
-        train(CNN((1, 8, 8), 10), [], {"conv2": 65, "fc": 1})
+        train(CNN((1, 8, 8), 10), [], Recipe(), {"conv2": 65, "fc": 1})
 
 
 def test_train_with_hgl_shrinks_the_tail_relative_to_plain(digits) -> None:
@@ -207,8 +209,9 @@ def test_train_with_hgl_shrinks_the_tail_relative_to_plain(digits) -> None:
     def component_norms(hgl_lambda: float) -> torch.Tensor:
         torch.manual_seed(0)
         model = MLP((1, 8, 8), 10, hidden=(16,))
-        train(model, _batches(*digits, 64, 0)[:10], sampler="none", epochs=3, lr=0.01,
-              weight_decay=0.0, distill=False, hgl_lambda=hgl_lambda, rng=np.random.default_rng(0))
+        train(model, _batches(*digits, 64, 0)[:10],
+              Recipe(sampler="none", epochs=3, lr=0.01, weight_decay=0.0, distill=False,
+                     hgl_lambda=hgl_lambda), rng=np.random.default_rng(0))
         layer = model.hidden[0]
         return layer.U.detach().norm(dim=0) * layer.V.detach().norm(dim=1)
 
@@ -238,8 +241,9 @@ def test_training_learns_digits(digits, distill: bool) -> None:
     model = CNN((1, 8, 8), 10)
     before = evaluate(model, test)
     for epoch in range(3):
-        metrics = train(model, _batches(x, y, 32, epoch), sampler="single-layer", lr=0.05,
-                        distill=distill, rng=np.random.default_rng(epoch))
+        metrics = train(model, _batches(x, y, 32, epoch),
+                        Recipe(sampler="single-layer", lr=0.05, distill=distill),
+                        rng=np.random.default_rng(epoch))
     after = evaluate(model, test)
     quarter = evaluate(model, test, model.ranks_at_fraction(0.25))
     assert metrics["examples"] == 1400 and metrics["steps"] == 44 and metrics["macs"] > 0

@@ -11,7 +11,7 @@ from torch import nn
 from fl_maestro.budgets import ranks_for_budget
 from fl_maestro.data import load_digits, make_loader
 from fl_maestro.models import CNN, at_ranks, model_arrays
-from fl_maestro.training import evaluate, train
+from fl_maestro.training import Recipe, evaluate, train
 from fl_maestro.width import (
     WidthCNN,
     WidthConv2d,
@@ -297,8 +297,9 @@ def digits_loader():
 def test_train_on_digits_reduces_the_loss(digits_loader, sampler: str) -> None:
     model = WidthCNN((1, 8, 8), 10, widths={"conv1": 16, "conv2": 32, "fc": 64})  # p_max 0.5
     before = evaluate(model, digits_loader)["loss"]
-    metrics = train(model, digits_loader, sampler=sampler, epochs=3, lr=0.05, weight_decay=0.0,
-                    distill=False, rng=np.random.default_rng(0))
+    metrics = train(model, digits_loader, Recipe(sampler=sampler, epochs=3, lr=0.05,
+                                                 weight_decay=0.0, distill=False),
+                    rng=np.random.default_rng(0))
     after = evaluate(model, digits_loader)["loss"]
     assert metrics["examples"] == 1437 and after < 0.5 * before, (before, after)
     assert metrics["macs"] <= 3 * 3 * 1437 * model.cost()  # sampled widths cost at most p_max
@@ -307,8 +308,8 @@ def test_train_on_digits_reduces_the_loss(digits_loader, sampler: str) -> None:
 def test_train_with_weight_decay_leaves_the_untrained_corner_alone(digits_loader) -> None:
     model = WidthCNN((1, 8, 8), 10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train(model, digits_loader, max_ranks={"conv1": 16, "conv2": 32, "fc": 64}, sampler="none",
-          weight_decay=1e-2)
+    train(model, digits_loader, Recipe(sampler="none", weight_decay=1e-2),
+          max_ranks={"conv1": 16, "conv2": 32, "fc": 64})
     after = model.state_dict()
     assert torch.equal(after["conv2.weight"][32:], before["conv2.weight"][32:])
     assert torch.equal(after["fc.weight"][64:], before["fc.weight"][64:])
