@@ -31,13 +31,14 @@ from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
 from fl_maestro.methods import HGL_BEYOND, TIER_GRID, Planning, get_method, tier_grid_ranks
 from fl_maestro.results import RunLock, RunStore, check_finite
-from fl_maestro.rounds import client_work, fate_rows, orders, round_totals
+from fl_maestro.rounds import RoundPlanner, round_totals
 from fl_maestro.scalars import Scalars
 from fl_maestro.shrinking import importance_from_arrays, shrink_ranks, tail_constants
 from fl_maestro.timeline import Timeline
-from fl_maestro.world import MERGED, load_world, round_rng
+from fl_maestro.world import MERGED, load_world
 from strategies.merge import factor_layer, prefix_arrays
-from strategies.rankwise import USABLE, ClientSpec, RankWiseFedAvg, WidthFedAvg
+from strategies.plan import FAILED, ClientSpec
+from strategies.rankwise import RankWiseFedAvg, WidthFedAvg
 from strategies.records import to_numpy, to_record
 
 log = logging.getLogger(__name__)
@@ -170,18 +171,19 @@ class Federation:
         self.shape, self.classes = DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset]
         self.store = RunStore(f"{cfg.results_dir}/{cfg.name}")
         self.method = method = get_method(cfg.strategy)
-        strategy_class = WidthFedAvg if method.model_family.cut_shared else RankWiseFedAvg
-        self.strategy = strategy_class(
-            cfg.clients_per_round, seed=cfg.seed, merge_weight=method.merge_weight(cfg),
-            label_rows=OUTPUT_ROWS if method.label_rows(cfg) else ())
         self.tiers = list(cfg.tiers)
         self.budgets: dict[int, float] = {}
         self.partitions: dict[int, int] = {}
         self.examples: dict[int, int] = {}
         self.world = load_world(cfg)
+        # The strategy's collaborator: the round's specs, the world's decisions, the rows.
+        self.planner = RoundPlanner(cfg, self.world, self.examples)
+        strategy_class = WidthFedAvg if method.model_family.cut_shared else RankWiseFedAvg
+        self.strategy = strategy_class(
+            cfg.clients_per_round, merge_weight=method.merge_weight(cfg),
+            label_rows=OUTPUT_ROWS if method.label_rows(cfg) else (), planner=self.planner,
+            rng=streams.rng(cfg.seed, "sampling"))
         self.clock = 0.0  # simulated seconds at the end of the last finished round
-        self.client_rows: list[dict] = []  # every sampled client's row of the last round
-        self.injected_crashes = 0  # clients of the last round the device world told to crash
         self.saved_nodes: dict | None = None  # the checkpointed run's partitions and budgets
         self.start_round = 1
         # Budgets are fractions of the dense (undecomposed) model's cost, for every strategy:
@@ -245,7 +247,7 @@ class Federation:
         """Learn every node's partition and budget (node config, else the device mix)."""
         self.budgets = node_budgets(self.cfg, nodes)
         self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
-        self.examples = {n: int(info["train-examples"]) for n, info in nodes.items()}
+        self.examples.update({n: int(info["train-examples"]) for n, info in nodes.items()})
         self.world.availability.check_clients(int(next(iter(nodes.values()))["num-partitions"]))
         self._check_same_nodes(nodes)
         # Deployment budgets from node configs are tiers too, evaluated and planned for.
@@ -275,17 +277,16 @@ class Federation:
                                  f"{key}: saved {self.saved_nodes[key]}, now {now[key]}; resume "
                                  "with the same number of SuperNodes (and node configs)")
 
-    def replan(self, server_round: int) -> RankedModel:
-        """Give the strategy every taking-part node's ranks on the current global model (which
-        is returned: it prices the round's local steps)."""
+    def replan(self, server_round: int) -> tuple[RankedModel, dict[int, ClientSpec]]:
+        """Every taking-part node's spec (ranks, slice, extra config) on the current global
+        model, and that model (it prices the round's local steps)."""
         model = self.global_model()
         ranks = {b: self.plan(model, b, server_round) for b in set(self.budgets.values())}
         shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
         extra = {b: self.client_config(model, b, r, server_round) for b, r in ranks.items()}
-        self.strategy.set_clients({
+        return model, {
             n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b], self.examples.get(n))
-            for n, b in self.budgets.items() if self.method.takes_part(b)})
-        return model
+            for n, b in self.budgets.items() if self.method.takes_part(b)}
 
     def client_config(self, model: RankedModel, budget: float, ranks: Mapping[str, int],
                       server_round: int) -> dict[str, str]:
@@ -326,19 +327,11 @@ class Federation:
         """
         start, timeline = time.perf_counter(), timeline or Timeline()
         k = self.cfg.clients_per_round
+        planner = self.planner
         with timeline.phase(server_round, "training:plan"):
-            model = self.replan(server_round)
-            members = {n: (s.partition_id, s.budget) for n, s in self.strategy.clients.items()}
-            begin, online = self.world.round_start(members, self.clock)
-            nodes = self.strategy.sample_nodes(self.grid, online, self.world.sample_size(k))
-            fates = self.world.decide(
-                [client_work(self.cfg, server_round, model, self.arrays, n,
-                             self.strategy.clients[n], self.examples[n]) for n in nodes],
-                k, round_rng(self.cfg.seed, server_round))
-            self.strategy.set_round(orders(fates))
-            # told to crash by their device profile: simulated faults, not a dying federation
-            self.injected_crashes = sum(f.crash for f in fates if f.trains)
-        with timeline.phase(server_round, "training:configure"):
+            model, specs = self.replan(server_round)
+            planner.start(server_round, model, self.arrays, specs, self.clock)
+        with timeline.phase(server_round, "training:configure"):  # sampling, fates, messages
             messages = list(self.strategy.configure_train(server_round, to_record(self.arrays),
                                                           ConfigRecord(), self.grid))
         with timeline.phase(server_round, "training:clients"):
@@ -347,16 +340,16 @@ class Federation:
             merged, metrics = self.strategy.aggregate_train(server_round, replies)
             if merged is not None:
                 self.arrays = to_numpy(merged)
-        self.client_rows = fate_rows(server_round, fates, self.strategy.client_rows)
-        kept = {r["partition-id"] for r in self.client_rows if r["outcome"] in MERGED}
-        merged_nodes = {f.work.node for f in fates if f.work.partition in kept}
-        seconds = self.world.round_seconds(fates, merged_nodes, k)
+        kept = {r["partition-id"] for r in planner.rows if r["outcome"] in MERGED}
+        merged_nodes = {f.work.node for f in planner.fates if f.work.partition in kept}
+        seconds = self.world.round_seconds(planner.fates, merged_nodes, k)
+        begin = planner.begin
         self.clock = begin + seconds
         every = self.cfg.shrink_every
         if every and server_round % every == 0:
             self.shrink(server_round)
-        return {"round": server_round, **dict(metrics or {}), **round_totals(self.client_rows),
-                "online": len(online), "sim-start": begin, "sim-seconds": seconds,
+        return {"round": server_round, **dict(metrics or {}), **round_totals(planner.rows),
+                "online": len(planner.online), "sim-start": begin, "sim-seconds": seconds,
                 "sim-time": self.clock,
                 "global-params": int(sum(a.size for a in self.arrays.values())),
                 "seconds": time.perf_counter() - start}
@@ -371,7 +364,7 @@ class Federation:
 
     def component_rows(self, server_round: int) -> list[dict]:
         """Coverage of the round's replies and the global model's per-component state."""
-        replies = [coverage_from_metrics(m) for m in self.strategy.client_lists]
+        replies = [coverage_from_metrics(m) for m in self.planner.lists]
         return component_rows(server_round, self.arrays, self.initial, replies)
 
     def checkpoint(self, server_round: int) -> None:
@@ -384,7 +377,7 @@ class Federation:
         """Append a round's rows to the tables (and the TensorBoard scalars, when on)."""
         self.store.append("evaluation", evaluation)
         if row is not None:
-            self.store.append("clients", self.client_rows)
+            self.store.append("clients", self.planner.rows)
             self.store.append("rounds", [row])
         if self.scalars is not None:
             self.scalars.add(server_round, row, evaluation)
@@ -393,11 +386,12 @@ class Federation:
         """Stop the run when a round got fewer usable replies than ``min-reply-share`` asks of
         the clients it sent to. The device world's own faults do not count: clients it dropped
         before training are not sent, and clients it told to crash are left out of the share."""
-        sent = int(row.get("sent", 0)) - self.injected_crashes
+        # told to crash by their device profile: simulated faults, not a dying federation
+        sent = int(row.get("sent", 0)) - self.planner.injected_crashes
         usable = int(row.get("clients", 0))
         if sent and usable < self.cfg.min_reply_share * sent:
-            reasons = Counter(f"{r['outcome']}: {r['reason']}" for r in self.strategy.client_rows
-                              if r["outcome"] not in USABLE)
+            reasons = Counter(f"{r['outcome']}: {r['reason']}" for r in self.planner.rows
+                              if r["outcome"] in FAILED)
             listed = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(5))
             raise RoundFailed(f"round {row['round']}: only {usable} of {sent} clients sent a usable "
                               f"reply (min-reply-share = {self.cfg.min_reply_share}); {listed}")

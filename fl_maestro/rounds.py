@@ -18,8 +18,8 @@ from fl_maestro.config import RunConfig
 from fl_maestro.models import RankedModel
 from fl_maestro.methods import recipe
 from fl_maestro.training import batch_sizes, planned_step_macs, step_rng
-from fl_maestro.world import MERGED, OUTCOMES, Fate, Work
-from strategies.rankwise import ClientSpec
+from fl_maestro.world import BEFORE_TRAINING, MERGED, OUTCOMES, DeviceWorld, Fate, Work, round_rng
+from strategies.plan import ClientSpec
 from strategies.records import slice_nbytes
 
 
@@ -67,11 +67,69 @@ def fate_rows(server_round: int, fates: Sequence[Fate], sent_rows: Sequence[Mapp
 
 
 def round_totals(rows: Sequence[Mapping]) -> dict:
-    """Counts of every outcome but ``ok`` (``dropped-<outcome>``, and ``partial``, which is
-    merged) and the round's simulated traffic."""
+    """The round's totals, the one place they are counted: usable replies (``clients``: ok and
+    partial), clients sent to train, every other outcome (``dropped``, ``dropped-<outcome>``),
+    the simulated traffic, the merged replies' training MACs, the clients sampled and how many
+    of the merged ones trained only part of their steps."""
     counts = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     dropped = {f"dropped-{o}": n for o, n in counts.items() if o not in MERGED}
-    return {"sampled": len(rows), "clients": counts["ok"] + counts["partial"],
-            "partial": counts["partial"], "dropped": sum(dropped.values()), **dropped,
+    merged = [r for r in rows if r["outcome"] in MERGED]
+    return {"clients": len(merged),
+            "sent": len(rows) - sum(counts[o] for o in BEFORE_TRAINING),
+            "dropped": sum(dropped.values()), **dropped,
             "bytes-down": float(sum(r["bytes-down"] for r in rows)),
-            "bytes-up": float(sum(r["bytes-up"] for r in rows))}
+            "bytes-up": float(sum(r["bytes-up"] for r in rows)),
+            "train-macs": float(sum(r.get("train-macs", 0.0) for r in merged)),
+            "sampled": len(rows), "partial": counts["partial"]}
+
+
+class RoundPlanner:
+    """The strategy's planner in a federation (``strategies.plan.Planner``): the round's client
+    specs, the device world's decisions on whom the strategy sampled, and the rows of every
+    sampled client once the replies are judged.
+
+    ``start`` opens a round; after the strategy's ``configure_train`` and ``aggregate_train``,
+    ``fates``, ``rows`` and ``lists`` hold what the round decided and learned.
+    """
+
+    def __init__(self, cfg: RunConfig, world: DeviceWorld, examples: Mapping[int, int]) -> None:
+        self.cfg, self.world, self.examples = cfg, world, examples
+        self.specs: dict[int, ClientSpec] = {}
+        self.online: list[int] = []
+        self.begin = 0.0  # the round's simulated start
+        self.fates: list[Fate] = []
+        self.rows: list[dict] = []  # every sampled client's row (clients.csv)
+        self.lists: list[dict[str, list]] = []  # each usable reply's list-valued metrics
+        self._model: RankedModel | None = None
+        self._arrays: Mapping[str, np.ndarray] = {}
+
+    def start(self, server_round: int, model: RankedModel, arrays: Mapping[str, np.ndarray],
+              specs: Mapping[int, ClientSpec], clock: float) -> None:
+        """Open round ``server_round``: who may train, on the global ``model``; who is online."""
+        self.specs, self._model, self._arrays = dict(specs), model, arrays
+        members = {n: (s.partition_id, s.budget) for n, s in self.specs.items()}
+        self.begin, self.online = self.world.round_start(members, clock)
+        self.fates, self.rows, self.lists = [], [], []
+
+    def clients(self, server_round: int) -> Mapping[int, ClientSpec]:
+        """Every node that takes part, with its slice."""
+        return self.specs
+
+    def orders(self, server_round: int, sample) -> dict[int, dict]:
+        """Sample among the online nodes, let the device world decide their fates, and send the
+        ones that train (with their steps, and a crash when one was drawn)."""
+        nodes = sample(self.online, self.world.sample_size(self.cfg.clients_per_round))
+        self.fates = self.world.decide(
+            [client_work(self.cfg, server_round, self._model, self._arrays, n, self.specs[n],
+                         self.examples[n]) for n in nodes],
+            self.cfg.clients_per_round, round_rng(self.cfg.seed, server_round))
+        return orders(self.fates)
+
+    def replies(self, server_round: int, rows: list[dict], lists: list[dict[str, list]]) -> None:
+        """Every sampled client's row: the strategy's rows of those sent, the world's of the rest."""
+        self.rows, self.lists = fate_rows(server_round, self.fates, rows), lists
+
+    @property
+    def injected_crashes(self) -> int:
+        """Clients of the round the device world told to crash (simulated faults)."""
+        return sum(f.crash for f in self.fates if f.trains)

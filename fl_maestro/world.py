@@ -34,14 +34,15 @@ from fl_maestro import streams
 from fl_maestro.availability import Availability, parse_availability
 from fl_maestro.devices import DEFAULT_TIER, DeviceProfile, check_profiles, parse_profiles, \
     profiles_for
-from strategies.rankwise import FAILED, USABLE
 
 POLICIES = ("wait", "drop", "partial")
 # Every sampled client's outcome, a row of clients.csv each: merged (ok, partial), decided before
-# training (straggler, dropout), or seen in its reply (error, invalid, timeout). The strategy
-# declares them (strategies.rankwise: USABLE, FAILED); these are the world's names for them.
-MERGED = USABLE
-OUTCOMES = USABLE + FAILED
+# training (straggler, dropout), or seen in its reply (error, invalid, timeout: the strategy's
+# failed replies, strategies.plan.FAILED).
+MERGED = ("ok", "partial")
+BEFORE_TRAINING = ("straggler", "dropout")
+OUTCOMES = MERGED + BEFORE_TRAINING + ("error", "invalid", "timeout")
+DROPPED = tuple(o for o in OUTCOMES if o not in MERGED)  # counted as dropped-<outcome>
 
 
 def round_rng(seed: int, server_round: int) -> np.random.Generator:

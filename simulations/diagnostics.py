@@ -8,16 +8,13 @@ and rank index) and its ``clients`` table. Every function takes runs grouped by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from simulations.runs import Run
 from simulations.stats import interval_frame
-
-if TYPE_CHECKING:
-    from simulations.report import Run
 
 
 def components_frame(runs: Sequence[Run]) -> pd.DataFrame:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -23,10 +22,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fl_maestro.results import RunStore  # noqa: E402
 from fl_maestro.shrinking import importance_from_arrays  # noqa: E402
+from simulations.runs import Run  # noqa: E402
 from simulations.stats import interval_frame  # noqa: E402
-
-if TYPE_CHECKING:
-    from simulations.report import Run
 
 MB = 1e6
 

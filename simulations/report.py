@@ -25,7 +25,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,10 @@ import pandas as pd
 
 from fl_maestro.devices import parse_profiles, profiles_for, profiles_frame
 from fl_maestro.results import TABLES, RunStore
-from fl_maestro.world import OUTCOMES
-from strategies.rankwise import FAILED
+from fl_maestro.world import DROPPED, OUTCOMES
 from simulations.diagnostics import (components_frame, coverage_table, full_budget_clients,
                                      plot_coverage, plot_full_budget_clients, plot_movement)
+from simulations.runs import Run
 from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accuracy_vs_fraction,
                                plot_communication, plot_importance, plot_pareto,
                                plot_tier_accuracy, save_figure)
@@ -47,19 +46,6 @@ from simulations.summary import (NOTES, default_baseline, final_frame, final_tab
 log = logging.getLogger(__name__)
 
 IGNORED_KEYS = ("run-name", "results-dir", "resume", "seed")
-
-
-@dataclass
-class Run:
-    """One run folder: its config (plus sweep-cell axes), tables and group label."""
-
-    name: str
-    path: Path
-    config: dict
-    seed: int
-    tables: dict[str, pd.DataFrame]
-    group: str = ""
-    axes: dict = field(default_factory=dict)  # a sweep cell's axis labels (cell.json)
 
 
 # --------------------------------------------------------------------------- loading
@@ -178,7 +164,7 @@ def runs_table(runs: Sequence[Run], wide: pd.DataFrame, converged: pd.DataFrame)
         full = mine.loc[mine["level"].idxmax(), "accuracy"] if len(mine) else np.nan
         rounds = run.tables["rounds"]
         counts = {f"dropped-{o}": int(rounds[f"dropped-{o}"].sum()) if f"dropped-{o}" in rounds
-                  else 0 for o in FAILED}
+                  else 0 for o in DROPPED}
         rows.append({"run": run.name, "group": run.group, "seed": run.seed,
                      "rounds": int(run.tables["evaluation"]["round"].max()),
                      "full-rank accuracy": full,

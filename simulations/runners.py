@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simulations.sweep import Cell
+from simulations.cells import Cell
+from simulations.launch import PrivateSuperLink, federation_config
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ class FlowerCells:
 
     def __call__(self, cell: Cell, resume: bool) -> int:
         """Run one cell as ``flwr run``; its exit code."""
-        from simulations.launch import PrivateSuperLink, federation_config
-
         if self.link is None:
             link = PrivateSuperLink()
             try:

@@ -25,8 +25,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ from fl_maestro.config import RunConfig, parse_run_config
 from fl_maestro.world import load_world
 from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
+from simulations.cells import Cell, RunCell
+from simulations.launch import exit_on_sigterm, parse_overrides
+from simulations.runners import FlowerCells, InProcessCells
 from simulations.scenarios import SUPERNODES, Axis, Level, Scenario, get_scenario, label
 from simulations.stats import SLOPE_THRESHOLD
 from simulations.until import Until, with_rounds
@@ -51,21 +54,6 @@ STALE_FILES = (*(f"{t}.csv" for t in TABLES), "config.json")
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
 _MAPPED = {":": "@", ",": "+"}  # device mixes stay readable: 0.2:0.5,1.0:0.5 -> 0.2@0.5+1.0@0.5
 MAX_ID = 150
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of a sweep: its id, axis labels, seed, federation size and run-config overrides."""
-
-    cell_id: str
-    axes: Mapping[str, str]
-    seed: int
-    supernodes: int
-    run_config: Mapping[str, Any]
-    num_rounds: int
-
-
-RunCell = Callable[[Cell, bool], int]  # (cell, resume) -> exit code; 0 means the run finished
 
 
 # --------------------------------------------------------------------------- cells
@@ -357,9 +345,6 @@ def write_sweep_info(out: Path, scenario: Scenario, seeds: Sequence[int]) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run (or list, with --dry-run) a scenario's sweep."""
-    from simulations.launch import exit_on_sigterm, parse_overrides
-    from simulations.runners import FlowerCells, InProcessCells
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", help="a name from simulations.scenarios.SCENARIOS")
     parser.add_argument("--out", type=Path, help="sweep folder (default results/sweeps/<scenario>)")

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fl_maestro.results import RunStore
+from simulations.cells import Cell
 from simulations.stats import SLOPE_THRESHOLD, Convergence, accuracy_curve, convergence
-
-if TYPE_CHECKING:
-    from simulations.sweep import Cell
 
 
 @dataclass(frozen=True)

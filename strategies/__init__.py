@@ -9,10 +9,13 @@ from strategies.merge import (
     prefix_arrays,
 )
 
-from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
+from strategies.plan import ClientSpec, FixedPlan, Planner
+from strategies.rankwise import RankWiseFedAvg, WidthFedAvg
 
 __all__ = [
     "ClientSpec",
+    "FixedPlan",
+    "Planner",
     "RankWiseFedAvg",
     "WidthFedAvg",
     "InvalidReply",

@@ -1,52 +1,47 @@
 """The rank-wise strategy: FedAvg over ordered factors, each client at its own rank prefix.
 
-Only the steps that change are overridden: ``configure_train`` samples clients with a seeded
-generator and sends each one the rank prefix of the global arrays that fits its budget;
-``aggregate_train`` validates every reply, drops the bad ones (counted, reason logged) and merges the
-rest with the one nested merge rule. Replies are merged in partition-id order, so a seeded run is
-reproducible whatever node ids the SuperLink hands out.
+In the style of Flower's ``FedAvg``: configured in ``__init__``, pure helpers for sampling and
+merging, and only the steps that change overridden. ``configure_train`` asks its ``Planner``
+(``strategies.plan``) which nodes may train and what each holds, samples among them with its own
+seeded generator, and sends each chosen node its slice of the global arrays; ``aggregate_train``
+validates every reply, drops the bad ones (reason logged), merges the rest with the one nested
+merge rule, hands every sent client's row to the planner and returns the merged arrays with the
+training metrics. Replies are merged in partition-id order, so a seeded run is reproducible
+whatever node ids the SuperLink hands out.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_maestro import streams
 from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested,
                               prefix_arrays)
+from strategies.plan import FAILED, USABLE, ClientSpec, FixedPlan, Planner
 from strategies.records import METRICS, nbytes, to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
-# What became of each sampled client (the ``outcome`` column of clients.csv). A usable reply is
-# merged; every other outcome is dropped and counted in rounds.csv as ``dropped-<outcome>``.
-USABLE = ("ok", "partial")
-FAILED = ("straggler", "dropout", "error", "invalid", "timeout")
+__all__ = ["FAILED", "USABLE", "ClientSpec", "RankWiseFedAvg", "WidthFedAvg", "sample_nodes"]
 
 Arrays = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
-class ClientSpec:
-    """What the strategy knows of one node: its data partition, budget and the ranks it trains."""
-
-    partition_id: int
-    budget: float
-    ranks: Mapping[str, int] = field(default_factory=dict)
-    # The slice's shapes: the federation always gives them (its plan's corner of every array);
-    # None, for a strategy driven on its own, sends the rank prefix of ``ranks``.
-    shapes: Mapping[str, tuple[int, ...]] | None = None
-    config: Mapping[str, int | float | str | bool] = field(default_factory=dict)  # sent with it
-    max_examples: int | None = None  # its partition's training examples, known at discovery
+def sample_nodes(rng: np.random.Generator, clients: Mapping[int, ClientSpec],
+                 candidates: Iterable[int], count: int) -> list[int]:
+    """Seeded sample of ``count`` nodes of ``clients`` among ``candidates``, in partition-id
+    order (fewer when fewer are there); RuntimeError when none is."""
+    candidates = set(candidates)
+    nodes = sorted((n for n in clients if n in candidates), key=lambda n: clients[n].partition_id)
+    if not nodes:
+        raise RuntimeError("no known node is connected: nothing to train on")
+    picked = np.sort(rng.choice(len(nodes), size=min(count, len(nodes)), replace=False))
+    return [nodes[i] for i in picked]
 
 
 def _placeholder(array: np.ndarray) -> np.ndarray:
@@ -61,12 +56,17 @@ class RankWiseFedAvg(FedAvg):
     cut_shared = False  # rank-wise replies keep shared arrays whole; width baselines cut them
 
     def __init__(self, clients_per_round: int, seed: int = 0, merge_weight: str = "examples",
-                 label_rows: tuple[str, ...] = (), *, weighted_by_key: str = "num-examples",
-                 arrayrecord_key: str = "arrays", configrecord_key: str = "config",
-                 metricrecord_key: str = METRICS) -> None:
+                 label_rows: tuple[str, ...] = (), *, planner: Planner | None = None,
+                 rng: np.random.Generator | None = None,
+                 weighted_by_key: str = "num-examples", arrayrecord_key: str = "arrays",
+                 configrecord_key: str = "config", metricrecord_key: str = METRICS) -> None:
         """Only FedAvg's arguments this strategy honours are taken: it samples exactly
         ``clients_per_round`` nodes itself and never evaluates on clients, so FedAvg's fractions
-        and minimum node counts would be silently ignored (passing them is a TypeError)."""
+        and minimum node counts would be silently ignored (passing them is a TypeError).
+
+        ``planner`` says who may train and who is sent what (default: a ``FixedPlan`` with no
+        clients); ``rng`` is the sampling generator (default: ``default_rng(seed)``).
+        """
         if merge_weight not in ("examples", "clients"):
             raise ValueError(f"merge_weight {merge_weight!r} is not allowed: use 'examples' or "
                              "'clients'")
@@ -81,20 +81,13 @@ class RankWiseFedAvg(FedAvg):
         # Arrays whose rows are classes, merged only on the rows of the classes a client reports
         # in its "classes" metric (HeteroFL's masked output layer).
         self.label_rows = tuple(label_rows)
-        self.rng = streams.rng(seed, "sampling")
-        self.clients: dict[int, ClientSpec] = {}
-        self.client_rows: list[dict] = []  # one row per client reply of the last round
-        # Per accepted reply of the last round: its list-valued metrics (e.g. per-component
-        # step counts), which do not fit a row of client_rows.
-        self.client_lists: list[dict[str, list]] = []
-        self.dropped_total = 0
+        self.planner: Planner = planner if planner is not None else FixedPlan({})
+        self.rng = rng if rng is not None else np.random.default_rng(seed)
+        # What the last configure_train sent, for aggregate_train to check the replies against.
+        self._clients: Mapping[int, ClientSpec] = {}
         self._sent: Arrays = {}
         self._bytes_down: dict[int, int] = {}
-        self._orders: dict[int, dict[str, Any]] | None = None
-
-    def set_clients(self, clients: Mapping[int, ClientSpec]) -> None:
-        """Tell the strategy every node's spec (node id -> ClientSpec)."""
-        self.clients = dict(clients)
+        self._sent_shapes: dict[int, Arrays] = {}
 
     def client_arrays(self, spec: ClientSpec, global_arrays: Arrays) -> Arrays:
         """The slice of the global arrays a client trains: the corner of ``spec.shapes``, or the
@@ -103,44 +96,27 @@ class RankWiseFedAvg(FedAvg):
             return corner_arrays(global_arrays, spec.shapes)
         return prefix_arrays(global_arrays, spec.ranks)
 
-    def set_round(self, orders: Mapping[int, Mapping[str, Any]] | None) -> None:
-        """The nodes the next ``configure_train`` sends to, each with extra config of its own
-        (e.g. how many local steps to train); None: it samples ``clients_per_round`` itself."""
-        self._orders = None if orders is None else {n: dict(c) for n, c in orders.items()}
-
-    def sample_nodes(self, grid: Grid, among: Iterable[int] | None = None,
-                     count: int | None = None) -> list[int]:
-        """Seeded sample of ``count`` (default ``clients_per_round``) known, connected nodes,
-        drawn from ``among`` when given (e.g. the online ones), in partition-id order."""
-        connected = set(grid.get_node_ids())
-        if among is not None:
-            connected &= set(among)
-        nodes = sorted((n for n in self.clients if n in connected),
-                       key=lambda n: self.clients[n].partition_id)
-        if not nodes:
-            raise RuntimeError("no known node is connected: nothing to train on")
-        k = min(count or self.clients_per_round, len(nodes))
-        picked = np.sort(self.rng.choice(len(nodes), size=k, replace=False))
-        return [nodes[i] for i in picked]
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Send each chosen client its own slice of the global arrays and the round's config."""
-        orders = self._orders if self._orders is not None else {
-            n: {} for n in self.sample_nodes(grid)}
-        self._orders = None
+        clients = self._clients = dict(self.planner.clients(server_round))
+
+        def sample(among: Iterable[int] | None = None, count: int | None = None) -> list[int]:
+            connected = set(grid.get_node_ids())
+            candidates = connected if among is None else connected & set(among)
+            return sample_nodes(self.rng, clients, candidates, count or self.clients_per_round)
+
+        orders = self.planner.orders(server_round, sample)
         self._sent = to_numpy(arrays)
-        self._bytes_down: dict[int, int] = {}
-        self._sent_shapes: dict[int, Arrays] = {}
+        self._bytes_down, self._sent_shapes = {}, {}
         messages = []
         for node_id, extra in orders.items():
-            spec = self.clients[node_id]
+            spec = clients[node_id]
             sliced = self.client_arrays(spec, self._sent)
             self._bytes_down[node_id] = nbytes(sliced)
             self._sent_shapes[node_id] = {k: _placeholder(a) for k, a in sliced.items()}
             node_config = ConfigRecord({**config, **spec.config, **extra,
-                                        "server-round": server_round,
-                                        "budget": spec.budget})
+                                        "server-round": server_round})
             content = RecordDict({self.arrayrecord_key: to_record(sliced),
                                   self.configrecord_key: node_config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
@@ -151,21 +127,26 @@ class RankWiseFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Judge every sent client's reply (ok, error, invalid or none), merge the good ones."""
+        """Judge every sent client's reply (ok, error, invalid or none), merge the good ones.
+
+        Every sent client's row goes to the planner; the returned metrics are the usable
+        replies' example-weighted training loss and accuracy and their examples.
+        """
         by_node = self._replies_by_node(server_round, replies)
-        good, rows, self.client_rows, self.client_lists = [], [], [], []
-        for node_id in sorted(self._bytes_down, key=lambda n: self.clients[n].partition_id):
+        good, label_rows, rows, lists = [], [], [], []
+        for node_id in sorted(self._bytes_down, key=lambda n: self._clients[n].partition_id):
             row, accepted = self._judge(server_round, node_id, by_node.get(node_id))
-            self.client_rows.append(row)
+            rows.append(row)
             if accepted is not None:
                 good.append(accepted[:2])
-                rows.append(accepted[2])
-        metrics = self._round_metrics()
-        self.dropped_total += int(metrics["dropped"])
+                label_rows.append(accepted[2])
+                lists.append(accepted[3])
+        self.planner.replies(server_round, rows, lists)
+        metrics = training_metrics(rows, self.weighted_by_key)
         if not good:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
             return None, metrics
-        return to_record(merge_nested(self._sent, good, rows)), metrics
+        return to_record(merge_nested(self._sent, good, label_rows)), metrics
 
     def _replies_by_node(self, server_round: int, replies: Iterable[Message]
                          ) -> dict[int, Message]:
@@ -181,10 +162,10 @@ class RankWiseFedAvg(FedAvg):
         return by_node
 
     def _judge(self, server_round: int, node_id: int, message: Message | None
-               ) -> tuple[dict, tuple[Arrays, float, dict | None] | None]:
+               ) -> tuple[dict, tuple[Arrays, float, dict | None, dict] | None]:
         """The client's row of ``clients.csv`` and, for a usable reply, its (arrays, weight,
-        label rows)."""
-        spec = self.clients[node_id]
+        label rows, list-valued metrics)."""
+        spec = self._clients[node_id]
         row = {"round": server_round, "partition-id": spec.partition_id, "budget": spec.budget,
                "outcome": "ok", "reason": "", "steps": 0,
                "bytes-down": self._bytes_down[node_id], "bytes-up": 0}
@@ -201,10 +182,9 @@ class RankWiseFedAvg(FedAvg):
             else:
                 row.update({k: float(v) for k, v in metrics.items()
                             if isinstance(v, (int, float))}, **{"bytes-up": nbytes(arrays)})
-                self.client_lists.append({k: list(v) for k, v in metrics.items()
-                                          if isinstance(v, list)})
+                lists = {k: list(v) for k, v in metrics.items() if isinstance(v, list)}
                 weight = 1.0 if self.merge_weight == "clients" else float(examples)
-                return row, (arrays, weight, label_rows)
+                return row, (arrays, weight, label_rows, lists)
         log.warning("round %d: dropped partition %d (%s): %s", server_round, spec.partition_id,
                     row["outcome"], row["reason"])
         return row, None
@@ -228,39 +208,28 @@ class RankWiseFedAvg(FedAvg):
         examples = metrics.get(self.weighted_by_key)
         # Against exactly what this node was sent, and no more examples than its partition holds.
         check_reply(self._sent_shapes[node_id], arrays, examples, cut_shared=self.cut_shared,
-                    exact=True, max_examples=self.clients[node_id].max_examples)
+                    exact=True, max_examples=self._clients[node_id].max_examples)
         return arrays, examples, metrics
 
-    def _round_metrics(self) -> MetricRecord:
-        """Example-weighted training loss and accuracy of the usable replies, plus round totals.
-
-        ``bytes-down`` counts what was sent to every sampled client, failed ones included;
-        ``dropped`` counts every client without a usable reply, ``dropped-<outcome>`` by reason.
-        """
-        rows = self.client_rows
-        ok = [r for r in rows if r["outcome"] in USABLE]
-        counts = Counter(r["outcome"] for r in rows)
-        totals = {"clients": len(ok), "sent": len(rows), "dropped": len(rows) - len(ok),
-                  **{f"dropped-{o}": counts.get(o, 0) for o in FAILED},
-                  "bytes-down": float(sum(r["bytes-down"] for r in rows)),
-                  "bytes-up": float(sum(r["bytes-up"] for r in ok)),
-                  "train-macs": float(sum(r.get("train-macs", 0.0) for r in ok))}
-        if not ok:
-            return MetricRecord(totals)
-        weights = np.array([r[self.weighted_by_key] for r in ok])
-        mean = lambda key: float(np.average([r.get(key, 0.0) for r in ok], weights=weights))  # noqa: E731
-        return MetricRecord({"train-loss": mean("train-loss"),
-                             "train-accuracy": mean("train-accuracy"),
-                             "examples": float(weights.sum()), **totals})
-
     def state_dict(self) -> dict:
-        """Strategy state to checkpoint: the sampling generator and counters."""
-        return {"rng": self.rng.bit_generator.state, "dropped_total": self.dropped_total}
+        """Strategy state to checkpoint: the sampling generator."""
+        return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned (older checkpoints' extra keys are ignored)."""
         self.rng.bit_generator.state = state["rng"]
-        self.dropped_total = int(state["dropped_total"])
+
+
+def training_metrics(rows: list[dict], weighted_by_key: str = "num-examples") -> MetricRecord:
+    """Example-weighted training loss and accuracy of the usable replies' rows, and their
+    examples (empty when none is usable)."""
+    ok = [r for r in rows if r["outcome"] in USABLE]
+    if not ok:
+        return MetricRecord({})
+    weights = np.array([r[weighted_by_key] for r in ok])
+    mean = lambda key: float(np.average([r.get(key, 0.0) for r in ok], weights=weights))  # noqa: E731
+    return MetricRecord({"train-loss": mean("train-loss"), "train-accuracy": mean("train-accuracy"),
+                         "examples": float(weights.sum())})
 
 
 class WidthFedAvg(RankWiseFedAvg):

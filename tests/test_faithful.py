@@ -26,7 +26,8 @@ from simulations.inprocess import InProcessGrid
 from simulations.scenarios import SCENARIOS
 from simulations.sweep import build_cells
 from strategies.merge import merge_nested, prefix_arrays
-from strategies.rankwise import ClientSpec, WidthFedAvg
+from strategies.plan import ClientSpec, FixedPlan
+from strategies.rankwise import WidthFedAvg
 from strategies.records import to_numpy, to_record
 
 plain_app = ClientApp()
@@ -233,11 +234,16 @@ def test_scaler_divides_sliced_outputs_by_the_rate_in_training_only():
     assert half.classifier.train_scale == 1.0  # the classifier's output is not sliced
 
 
+def _two_clients() -> FixedPlan:
+    """A planner of two clients, nodes 7 and 8, at full budget."""
+    return FixedPlan({7: ClientSpec(0, 1.0), 8: ClientSpec(1, 1.0)})
+
+
 def _merge_two(monkeypatch, strategy, arrays, replies) -> dict:
-    """Send ``arrays`` to two clients and merge their ``(arrays, metrics)`` replies."""
+    """Send ``arrays`` to the two clients of ``_two_clients`` and merge their ``(arrays,
+    metrics)`` replies."""
     for name in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
-    strategy.set_clients({7: ClientSpec(0, 1.0), 8: ClientSpec(1, 1.0)})
     grid = type("Grid", (), {"get_node_ids": lambda self: [7, 8]})()
     sent = list(strategy.configure_train(1, to_record(arrays), ConfigRecord(), grid))
     messages = [Message(content=RecordDict({"arrays": to_record(a), "metrics": MetricRecord(m)}),
@@ -252,7 +258,7 @@ def test_heterofl_merges_by_client_count(monkeypatch, weight, expected):
     example counts (10 and 30 here); ``heterofl-merge-weight=examples`` weighs as FedAvg does."""
     replies = [({"w": np.full((2, 3), v, np.float32)}, {"num-examples": n})
                for v, n in [(1.0, 10), (3.0, 30)]]
-    merged = _merge_two(monkeypatch, WidthFedAvg(2, merge_weight=weight),
+    merged = _merge_two(monkeypatch, WidthFedAvg(2, merge_weight=weight, planner=_two_clients()),
                         {"w": np.zeros((2, 3), np.float32)}, replies)
     np.testing.assert_allclose(merged["w"], expected)
     with pytest.raises(ValueError, match="merge_weight"):
@@ -277,7 +283,7 @@ def test_heterofl_merges_output_rows_of_each_clients_classes_only(monkeypatch):
     metric is missing or out of range is dropped."""
     arrays = {"classifier.weight": np.full((4, 2), 9, np.float32),
               "classifier.bias": np.full(4, 9, np.float32), "fc.weight": np.zeros((2, 2), np.float32)}
-    strategy = WidthFedAvg(2, merge_weight="clients",
+    strategy = WidthFedAvg(2, merge_weight="clients", planner=_two_clients(),
                            label_rows=("classifier.weight", "classifier.bias"))
     replies = [({k: np.full_like(v, value) for k, v in arrays.items()},
                 {"num-examples": 5, "classes": classes})

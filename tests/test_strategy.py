@@ -10,8 +10,10 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fl_maestro.rounds import round_totals
 from strategies import merge_nested
-from strategies.rankwise import ClientSpec, RankWiseFedAvg, WidthFedAvg
+from strategies.plan import ClientSpec, FixedPlan
+from strategies.rankwise import RankWiseFedAvg, WidthFedAvg, sample_nodes
 from strategies.records import to_numpy, to_record
 
 F32 = np.float32
@@ -61,10 +63,19 @@ def node_id(partition: int) -> int:
 
 def make_strategy(clients_per_round: int = 5, seed: int = 0,
                   partitions: tuple[int, ...] = tuple(RANKS)) -> RankWiseFedAvg:
-    strategy = RankWiseFedAvg(clients_per_round, seed=seed)
-    strategy.set_clients({node_id(p): ClientSpec(p, round(0.2 * (p + 1), 2), {"fc": RANKS[p]})
-                          for p in partitions})
-    return strategy
+    return RankWiseFedAvg(clients_per_round, seed=seed, planner=FixedPlan(
+        {node_id(p): ClientSpec(p, round(0.2 * (p + 1), 2), {"fc": RANKS[p]})
+         for p in partitions}))
+
+
+def rows(strategy: RankWiseFedAvg) -> list[dict]:
+    """Every sent client's row of the last round, as the strategy handed them to its planner."""
+    return strategy.planner.rows
+
+
+def totals(strategy: RankWiseFedAvg) -> dict:
+    """The round's totals of those rows (counted in one place, fl_maestro.rounds)."""
+    return round_totals(rows(strategy))
 
 
 def send(strategy: RankWiseFedAvg, server_round: int = 1, grid: FakeGrid | None = None,
@@ -78,8 +89,9 @@ def send(strategy: RankWiseFedAvg, server_round: int = 1, grid: FakeGrid | None 
 def partition_of(strategy: RankWiseFedAvg, message: Message) -> int:
     """Partition of the client a message goes to (instruction) or comes from (reply)."""
     meta = message.metadata
-    node = meta.src_node_id if meta.src_node_id in strategy.clients else meta.dst_node_id
-    return strategy.clients[node].partition_id
+    specs = strategy.planner.specs
+    node = meta.src_node_id if meta.src_node_id in specs else meta.dst_node_id
+    return specs[node].partition_id
 
 
 def trained(message: Message, partition: int) -> dict[str, np.ndarray]:
@@ -144,7 +156,7 @@ def test_each_node_gets_its_rank_prefix() -> None:
         config = m.content["config"]
         assert config["lr"] == pytest.approx(0.1)
         assert config["server-round"] == 1
-        assert config["budget"] == pytest.approx(strategy.clients[m.metadata.dst_node_id].budget)
+        assert "budget" not in config  # the ClientApp never reads it
         assert m.metadata.message_type == "train"
         expected_bytes = 4 * (4 * r + r * 5 + 4 + 2 * 4)
         assert strategy._bytes_down[m.metadata.dst_node_id] == expected_bytes
@@ -154,7 +166,7 @@ def test_bytes_down_reach_client_rows() -> None:
     strategy = make_strategy()
     messages = send(strategy)
     strategy.aggregate_train(1, good_replies(strategy, messages))
-    for row in strategy.client_rows:
+    for row in rows(strategy):
         r = RANKS[row["partition-id"]]
         assert row["bytes-down"] == 4 * (4 * r + r * 5 + 4 + 2 * 4)
 
@@ -162,7 +174,7 @@ def test_bytes_down_reach_client_rows() -> None:
 def test_sampling_is_seeded_distinct_and_known_only() -> None:
     connected = [node_id(p) for p in RANKS] + [12345]  # 12345: connected but unknown
     grid = FakeGrid(connected)
-    known = set(make_strategy().clients)
+    known = set(make_strategy().planner.specs)
 
     def rounds(seed: int) -> list[list[int]]:
         strategy = make_strategy(clients_per_round=3, seed=seed)
@@ -190,13 +202,12 @@ def test_state_dict_reproduces_next_sample() -> None:
     grid = FakeGrid([node_id(p) for p in RANKS])
     a = make_strategy(clients_per_round=2, seed=4)
     send(a, 1, grid)
-    a.dropped_total = 3
     state = json.loads(json.dumps(a.state_dict()))  # as the checkpoint stores it
     expected = [[m.metadata.dst_node_id for m in send(a, rnd, grid)] for rnd in (2, 3, 4)]
 
     b = make_strategy(clients_per_round=2, seed=99)
     b.load_state_dict(state)
-    assert b.dropped_total == 3
+    assert set(state) == {"rng"}  # the generator is all the strategy keeps
     assert [[m.metadata.dst_node_id for m in send(b, rnd, grid)] for rnd in (2, 3, 4)] == expected
 
 
@@ -214,12 +225,11 @@ def test_merge_equals_merge_nested() -> None:
     # Column 2 of fc.U is covered only by partition 2 (rank 3): it is exactly that client's value.
     only = next(r for r in replies if partition_of(strategy, r) == 2)
     np.testing.assert_array_equal(got["fc.U"][:, 2], to_numpy(only.content["arrays"])["fc.U"][:, 2])
-    assert metrics["dropped"] == 0 and metrics["clients"] == len(RANKS)
+    assert totals(strategy)["dropped"] == 0 and totals(strategy)["clients"] == len(RANKS)
     weights = np.array([10.0 * (p + 1) for p in RANKS])
     assert metrics["examples"] == pytest.approx(weights.sum())
     assert metrics["train-accuracy"] == pytest.approx(
         np.average([0.1 * p for p in RANKS], weights=weights))
-    assert strategy.dropped_total == 0
 
 
 def test_client_rows() -> None:
@@ -227,7 +237,7 @@ def test_client_rows() -> None:
     messages = send(strategy)
     replies = good_replies(strategy, messages)
     _, metrics = strategy.aggregate_train(4, replies)
-    rows = strategy.client_rows
+    rows = rows(strategy)
     assert [r["partition-id"] for r in rows] == sorted(RANKS)
     for row in rows:
         p, r = row["partition-id"], RANKS[row["partition-id"]]
@@ -236,8 +246,8 @@ def test_client_rows() -> None:
         assert row["budget"] == pytest.approx(round(0.2 * (p + 1), 2))
         assert row["num-examples"] == 10 * (p + 1)
         assert row["bytes-up"] == row["bytes-down"] == 4 * (4 * r + r * 5 + 4 + 2 * 4)
-    assert metrics["bytes-up"] == sum(r["bytes-up"] for r in rows)
-    assert metrics["bytes-down"] == sum(r["bytes-down"] for r in rows)
+    assert totals(strategy)["bytes-up"] == sum(r["bytes-up"] for r in rows)
+    assert totals(strategy)["bytes-down"] == sum(r["bytes-down"] for r in rows)
 
 
 def test_shuffled_replies_merge_bit_identically() -> None:
@@ -245,12 +255,12 @@ def test_shuffled_replies_merge_bit_identically() -> None:
     messages = send(strategy)
     replies = good_replies(strategy, messages)
     reference = to_numpy(strategy.aggregate_train(1, replies)[0])
-    reference_rows = strategy.client_rows
+    reference_rows = rows(strategy)
     rng = np.random.default_rng(7)
     for _ in range(4):
         shuffled = [replies[i] for i in rng.permutation(len(replies))]
         assert_arrays_equal(to_numpy(strategy.aggregate_train(1, shuffled)[0]), reference)
-        assert strategy.client_rows == reference_rows  # rows in partition-id order
+        assert rows(strategy) == reference_rows  # rows in partition-id order
 
 
 def _bad_variants(strategy: RankWiseFedAvg, message: Message) -> dict[str, Message]:
@@ -291,15 +301,14 @@ def test_bad_reply_dropped_counted_and_logged(kind: str, caplog_strategies) -> N
 
     merged, metrics = strategy.aggregate_train(1, others + [bad])
     assert_arrays_equal(to_numpy(merged), hand_merge(strategy, others))
-    assert metrics["dropped"] == 1
-    assert metrics["clients"] == len(others)
-    assert strategy.dropped_total == 1
-    assert metrics["dropped-invalid"] == 1 and metrics["dropped-error"] == 0
-    row = next(r for r in strategy.client_rows if r["partition-id"] == 3)
+    assert totals(strategy)["dropped"] == 1
+    assert totals(strategy)["clients"] == len(others)
+    assert totals(strategy)["dropped-invalid"] == 1 and totals(strategy)["dropped-error"] == 0
+    row = next(r for r in rows(strategy) if r["partition-id"] == 3)
     assert row["outcome"] == "invalid" and row["reason"].startswith("invalid: ")
     assert row["bytes-up"] == 0 and row["bytes-down"] > 0
-    assert metrics["bytes-down"] == sum(r["bytes-down"] for r in strategy.client_rows)
-    assert [r["outcome"] for r in strategy.client_rows].count("ok") == len(others)
+    assert totals(strategy)["bytes-down"] == sum(r["bytes-down"] for r in rows(strategy))
+    assert [r["outcome"] for r in rows(strategy)].count("ok") == len(others)
     warnings = [r.getMessage() for r in caplog_strategies.records if r.levelno >= logging.WARNING]
     assert any("partition 3" in w for w in warnings), warnings
 
@@ -311,10 +320,9 @@ def test_error_reply_counts_as_dropped() -> None:
     error = Message(Error(code=1, reason="client crashed"), reply_to=messages[0])
     merged, metrics = strategy.aggregate_train(1, [error] + replies[1:])
     assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
-    assert metrics["dropped"] == 1 and metrics["clients"] == len(replies) - 1
-    assert metrics["dropped-error"] == 1 and metrics["dropped-invalid"] == 0
-    assert strategy.dropped_total == 1
-    failed = next(r for r in strategy.client_rows if r["outcome"] == "error")
+    assert totals(strategy)["dropped"] == 1 and totals(strategy)["clients"] == len(replies) - 1
+    assert totals(strategy)["dropped-error"] == 1 and totals(strategy)["dropped-invalid"] == 0
+    failed = next(r for r in rows(strategy) if r["outcome"] == "error")
     assert failed["partition-id"] == partition_of(strategy, messages[0])
     assert "client crashed" in failed["reason"] and failed["bytes-up"] == 0
 
@@ -325,25 +333,48 @@ def test_missing_reply_is_a_timeout_row_and_its_bytes_count() -> None:
     replies = good_replies(strategy, messages)
     merged, metrics = strategy.aggregate_train(1, replies[1:])
     assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
-    assert metrics["dropped-timeout"] == 1 and metrics["dropped"] == 1
-    rows = strategy.client_rows
+    assert totals(strategy)["dropped-timeout"] == 1 and totals(strategy)["dropped"] == 1
+    rows = rows(strategy)
     assert len(rows) == len(messages)
     late = next(r for r in rows if r["outcome"] == "timeout")
     assert late["partition-id"] == partition_of(strategy, messages[0])
-    assert metrics["bytes-down"] == sum(r["bytes-down"] for r in rows)  # sent to it too
+    assert totals(strategy)["bytes-down"] == sum(r["bytes-down"] for r in rows)  # sent to it too
 
 
-def test_set_round_sends_exactly_the_given_nodes_with_their_config() -> None:
-    strategy = make_strategy()
+class Orders(FixedPlan):
+    """A planner that sends given nodes with their own config, in the first round only."""
+
+    def __init__(self, specs, given) -> None:
+        super().__init__(specs)
+        self.given, self.samples = given, []
+
+    def orders(self, server_round, sample):
+        self.samples.append(sample([node_id(0), node_id(2), 777], 5))
+        return self.given if server_round == 1 else super().orders(server_round, sample)
+
+
+def test_the_planner_says_whom_to_send_with_their_config() -> None:
+    planner = Orders(make_strategy().planner.specs,
+                     {node_id(1): {"steps": 3}, node_id(4): {"steps": 1, "crash": True}})
+    strategy = RankWiseFedAvg(5, planner=planner)
     grid = FakeGrid([node_id(p) for p in RANKS])
-    strategy.set_round({node_id(1): {"steps": 3}, node_id(4): {"steps": 1, "crash": True}})
-    messages = list(strategy.configure_train(1, to_record(global_arrays()), ConfigRecord(), grid))
+    messages = send(strategy, 1, grid)
     assert [partition_of(strategy, m) for m in messages] == [1, 4]
     assert messages[0].content["config"]["steps"] == 3
     assert messages[1].content["config"]["crash"] is True
-    assert len(send(strategy, grid=grid)) == len(RANKS)  # the orders were for one round only
-    picked = strategy.sample_nodes(grid, among=[node_id(0), node_id(2), 777], count=5)
-    assert picked == [node_id(0), node_id(2)]  # only the known nodes given, in partition order
+    assert len(send(strategy, 2, grid)) == len(RANKS)  # the orders were for one round only
+    # the strategy's sample: only the known nodes given, in partition order
+    assert planner.samples[0] == [node_id(0), node_id(2)]
+
+
+def test_sample_nodes_is_a_pure_seeded_draw_in_partition_order() -> None:
+    specs = {node_id(p): ClientSpec(p, 1.0) for p in RANKS}
+    draw = lambda: sample_nodes(np.random.default_rng(3), specs, specs, 3)  # noqa: E731
+    picked = draw()
+    assert picked == draw() and len(set(picked)) == 3
+    assert [specs[n].partition_id for n in picked] == sorted(specs[n].partition_id for n in picked)
+    with pytest.raises(RuntimeError, match="no known node"):
+        sample_nodes(np.random.default_rng(0), specs, [777], 3)
 
 
 def test_all_bad_returns_none_and_counts() -> None:
@@ -354,23 +385,10 @@ def test_all_bad_returns_none_and_counts() -> None:
     bad.append(Message(Error(code=1, reason="boom"), reply_to=messages[4]))
     merged, metrics = strategy.aggregate_train(1, bad)
     assert merged is None
-    assert isinstance(metrics, MetricRecord) and metrics["dropped"] == 5
-    assert strategy.dropped_total == 5
-    assert [r["outcome"] for r in strategy.client_rows] == ["invalid"] * 4 + ["error"]
-    assert metrics["dropped-invalid"] == 4 and metrics["dropped-error"] == 1
-    assert [r["outcome"] for r in strategy.client_rows].count("ok") == 0
-
-
-def test_dropped_total_accumulates_across_rounds() -> None:
-    strategy = make_strategy()
-    for rnd in (1, 2):
-        messages = send(strategy, rnd)
-        replies = good_replies(strategy, messages)
-        replies[0] = _bad_variants(strategy, messages[0])["nan"]
-        _, metrics = strategy.aggregate_train(rnd, replies)
-        assert metrics["dropped"] == 1
-    assert strategy.dropped_total == 2
-    assert strategy.state_dict()["dropped_total"] == 2
+    assert isinstance(metrics, MetricRecord) and totals(strategy)["dropped"] == 5
+    assert [r["outcome"] for r in rows(strategy)] == ["invalid"] * 4 + ["error"]
+    assert totals(strategy)["dropped-invalid"] == 4 and totals(strategy)["dropped-error"] == 1
+    assert [r["outcome"] for r in rows(strategy)].count("ok") == 0
 
 
 def test_mismatched_factor_ranks_dropped() -> None:
@@ -381,8 +399,8 @@ def test_mismatched_factor_ranks_dropped() -> None:
     arrays["fc.U"] = arrays["fc.U"][:, :2].copy()  # U at rank 2, V at rank 3
     merged, metrics = strategy.aggregate_train(1, [reply(m, arrays)])
     # 1 invalid reply + 4 sampled clients that never answered (as after a timeout)
-    assert merged is None and metrics["dropped"] == 5
-    assert metrics["dropped-invalid"] == 1 and metrics["dropped-timeout"] == 4
+    assert merged is None and totals(strategy)["dropped"] == 5
+    assert totals(strategy)["dropped-invalid"] == 1 and totals(strategy)["dropped-timeout"] == 4
 
 
 # --------------------------------------------------------------------------- reply checks, faults
@@ -396,16 +414,15 @@ def test_reply_must_have_exactly_the_sent_shapes() -> None:
     arrays = trained(m, 2)
     arrays["fc.U"], arrays["fc.V"] = arrays["fc.U"][:, :2].copy(), arrays["fc.V"][:2].copy()
     merged, metrics = strategy.aggregate_train(1, [reply(m, arrays)])
-    assert merged is None and metrics["dropped-invalid"] == 1
-    row = next(r for r in strategy.client_rows if r["partition-id"] == 2)
+    assert merged is None and totals(strategy)["dropped-invalid"] == 1
+    row = next(r for r in rows(strategy) if r["partition-id"] == 2)
     assert "exactly the shapes it was sent" in row["reason"]
 
 
 def test_width_reply_cutting_any_axis_is_dropped() -> None:
     """Width baselines cut shared arrays too, but never below what the server sent."""
-    strategy = WidthFedAvg(2, seed=0)
-    strategy.set_clients({node_id(p): ClientSpec(p, 1.0, {}, {"out.weight": (2, 3)})
-                          for p in (0, 1)})
+    strategy = WidthFedAvg(2, seed=0, planner=FixedPlan(
+        {node_id(p): ClientSpec(p, 1.0, {}, {"out.weight": (2, 3)}) for p in (0, 1)}))
     messages = send(strategy, grid=FakeGrid([node_id(0), node_id(1)]))
     replies = []
     for m in messages:
@@ -415,20 +432,19 @@ def test_width_reply_cutting_any_axis_is_dropped() -> None:
             arrays["out.weight"] = arrays["out.weight"][:1].copy()  # cuts the class axis
         replies.append(reply(m, arrays))
     _, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["clients"] == 1 and metrics["dropped-invalid"] == 1
+    assert totals(strategy)["clients"] == 1 and totals(strategy)["dropped-invalid"] == 1
 
 
 def test_example_count_above_the_partition_size_is_dropped() -> None:
-    strategy = RankWiseFedAvg(2, seed=0)
-    strategy.set_clients({node_id(p): ClientSpec(p, 1.0, {"fc": 3}, max_examples=50)
-                          for p in (0, 1)})
+    strategy = RankWiseFedAvg(2, seed=0, planner=FixedPlan(
+        {node_id(p): ClientSpec(p, 1.0, {"fc": 3}, max_examples=50) for p in (0, 1)}))
     messages = send(strategy, grid=FakeGrid([node_id(0), node_id(1)]))
     claims = {0: 50, 1: 51}
     replies = [reply(m, trained(m, partition_of(strategy, m)),
                      examples=claims[partition_of(strategy, m)]) for m in messages]
     _, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["clients"] == 1 and metrics["examples"] == 50
-    row = next(r for r in strategy.client_rows if r["partition-id"] == 1)
+    assert totals(strategy)["clients"] == 1 and metrics["examples"] == 50
+    row = next(r for r in rows(strategy) if r["partition-id"] == 1)
     assert row["outcome"] == "invalid" and "exceeds the 50 training examples" in row["reason"]
 
 
@@ -440,7 +456,7 @@ def test_zero_dimensional_arrays_round_trip_and_are_accepted() -> None:
     messages = send(strategy, arrays=g)
     replies = [reply(m, to_numpy(m.content["arrays"])) for m in messages]  # echo what was sent
     merged, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["dropped"] == 0 and to_numpy(merged)["step"].shape == ()
+    assert totals(strategy)["dropped"] == 0 and to_numpy(merged)["step"].shape == ()
 
 
 def test_unanswered_clients_get_timeout_rows_and_their_bytes_count() -> None:
@@ -448,11 +464,11 @@ def test_unanswered_clients_get_timeout_rows_and_their_bytes_count() -> None:
     messages = send(strategy)
     replies = good_replies(strategy, messages)[:3]
     _, metrics = strategy.aggregate_train(1, replies)
-    outcomes = [r["outcome"] for r in strategy.client_rows]
-    assert outcomes.count("timeout") == 2 and metrics["dropped-timeout"] == 2
-    assert metrics["sent"] == 5 and metrics["clients"] == 3
-    assert metrics["bytes-down"] == sum(strategy._bytes_down.values())
-    assert metrics["bytes-up"] == sum(r["bytes-up"] for r in strategy.client_rows)
+    outcomes = [r["outcome"] for r in rows(strategy)]
+    assert outcomes.count("timeout") == 2 and totals(strategy)["dropped-timeout"] == 2
+    assert totals(strategy)["sent"] == 5 and totals(strategy)["clients"] == 3
+    assert totals(strategy)["bytes-down"] == sum(strategy._bytes_down.values())
+    assert totals(strategy)["bytes-up"] == sum(r["bytes-up"] for r in rows(strategy))
 
 
 @pytest.mark.parametrize("argument", ["fraction_train", "min_available_nodes",
@@ -463,8 +479,8 @@ def test_fedavg_arguments_the_strategy_would_ignore_are_refused(argument: str) -
 
 
 def test_reply_records_are_read_under_the_keys_given() -> None:
-    strategy = RankWiseFedAvg(5, seed=0, weighted_by_key="n", metricrecord_key="stats")
-    strategy.set_clients(make_strategy().clients)
+    strategy = RankWiseFedAvg(5, seed=0, weighted_by_key="n", metricrecord_key="stats",
+                              planner=FixedPlan(make_strategy().planner.specs))
     messages = send(strategy)
     replies = []
     for i, m in enumerate(messages):
@@ -472,7 +488,7 @@ def test_reply_records_are_read_under_the_keys_given() -> None:
                               "stats": MetricRecord({"n": 10 + i, "train-loss": 1.0})})
         replies.append(Message(content=content, reply_to=m))
     _, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["clients"] == len(messages) and metrics["examples"] == sum(
+    assert totals(strategy)["clients"] == len(messages) and metrics["examples"] == sum(
         10 + i for i in range(len(messages)))
     _, metrics = strategy.aggregate_train(1, good_replies(strategy, messages))  # under "metrics"
-    assert metrics["clients"] == 0 and metrics["dropped-invalid"] == len(messages)
+    assert totals(strategy)["clients"] == 0 and totals(strategy)["dropped-invalid"] == len(messages)
