@@ -265,7 +265,7 @@ def _check_combination(cfg: RunConfig) -> None:
     if cfg.deadline_policy != "wait" and math.isinf(cfg.round_deadline):
         raise ValueError(f"run-config key 'deadline-policy' = {cfg.deadline_policy!r} needs a "
                          "finite 'round-deadline' (simulated seconds > 0)")
-    for key, strategies in STRATEGY_KEYS.items():
+    for key, strategies in method_keys().items():  # methods registered since import too
         value = getattr(cfg, key.replace("-", "_"))
         if cfg.strategy not in strategies and value != KEYS[key].default:
             raise ValueError(f"run-config key {key!r} = {value!r} is ignored by strategy "

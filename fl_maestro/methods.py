@@ -150,29 +150,29 @@ _FACTOR_KEYS = ("init", "rank-cap")
 register(Method(
     "rankwise", "factors", "Maestro: ordered factors, each device trains the rank prefix its "
     "budget affords, self-distilling loss, per-layer sampler, optional HGL and shrinking",
-    "Horvath et al., Maestro (2024)", budget_ranks, _rankwise_local,
+    "Maestro (Horváth et al., ICML 2024)", budget_ranks, _rankwise_local,
     keys=("sampler", "distill", "hgl-lambda", "shrink-every", "shrink-threshold",
           "rank-allocation", *_FACTOR_KEYS)))
 register(Method(
     "fedavg-full", "factors", "FedAvg, every device trains the full model whatever its budget "
-    "(an unreachable upper bound)", "McMahan et al., FedAvg (2017)",
+    "(an unreachable upper bound)", "FedAvg (McMahan et al., AISTATS 2017)",
     lambda model, budget, p: model.max_ranks(), keys=_FACTOR_KEYS, budgeted=False))
 register(Method(
     "fedavg-smallest", "factors", "FedAvg, every device trains the smallest tier's model",
-    "McMahan et al., FedAvg (2017)",
+    "FedAvg (McMahan et al., AISTATS 2017)",
     lambda model, budget, p: budget_ranks(model, min(p.tiers), p),
     keys=("rank-allocation", *_FACTOR_KEYS)))
 register(Method(
     "fedavg-exclusive", "factors", "FedAvg, only the devices that afford the full model train",
-    "McMahan et al., FedAvg (2017)", budget_ranks, takes_part=lambda budget: budget >= 1.0,
+    "FedAvg (McMahan et al., AISTATS 2017)", budget_ranks, takes_part=lambda budget: budget >= 1.0,
     keys=("rank-allocation", *_FACTOR_KEYS)))
 register(Method(
     "fjord", "width", "FjORD: ordered dropout over channel width, one tier of the discrete grid "
-    "per step, optional self-distillation", "Horvath et al., FjORD (2021)", width_ranks,
+    "per step, optional self-distillation", "FjORD (Horváth et al., NeurIPS 2021)", width_ranks,
     lambda cfg: LocalTraining(TIER_GRID, cfg.fjord_kd), keys=("fjord-kd",)))
 register(Method(
     "heterofl", "width", "HeteroFL: a static width per device, masked loss, scaler and "
-    "count-weighted merge", "Diao et al., HeteroFL (2021)", width_ranks, _heterofl_local,
+    "count-weighted merge", "HeteroFL (Diao et al., ICLR 2021)", width_ranks, _heterofl_local,
     merge_weight=lambda cfg: cfg.heterofl_merge_weight,
     label_rows=lambda cfg: cfg.heterofl_masked_loss,
     keys=("heterofl-masked-loss", "heterofl-scaler", "heterofl-merge-weight")))
@@ -216,3 +216,13 @@ def recipe(cfg: Any, server_round: int, sent: Mapping[str, Any],
                   precision=cfg.precision,
                   max_steps=int(sent["steps"]) if "steps" in sent else None)
 
+
+
+def methods_table() -> str:
+    """The README's method table, from the registry (a test keeps the README in step)."""
+    rows = ["| strategy | model family | summary | paper | its own run-config keys |",
+            "| --- | --- | --- | --- | --- |"]
+    for m in METHODS.values():
+        keys = ", ".join(f"`{k}`" for k in m.keys) or "none"
+        rows.append(f"| `{m.name}` | {m.family} | {m.summary} | {m.paper} | {keys} |")
+    return "\n".join(rows)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import run
 
-from fl_maestro.methods import METHODS, Method, Planning, budget_ranks, get_method
+from fl_maestro.methods import METHODS, Method, Planning, budget_ranks, get_method, methods_table
 from fl_maestro.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +128,9 @@ def test_importing_the_config_and_the_world_loads_no_flower_server():
     code = ("import sys, fl_maestro.config, fl_maestro.world, fl_maestro.methods, "
             "fl_maestro.training; assert 'flwr.serverapp' not in sys.modules, 'flwr.serverapp'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_readme_method_table_is_the_registry():
+    from_registry = methods_table()
+    assert from_registry.count("\n| `") == len(METHODS)
+    assert from_registry in (ROOT / "README.md").read_text()

@@ -11,6 +11,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import overrides
+
 from fl_maestro.client_app import local_loaders, node_identity
 from fl_maestro.config import KEYS, STRATEGY_KEYS, defaults, parse_run_config
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES
@@ -56,9 +58,7 @@ def plain_train(msg: Message, context: Context) -> Message:
 
 
 def _overrides(tmp_path, **extra) -> dict:
-    return {"dataset": "digits", "num-rounds": 2, "clients-per-round": 4, "partitioner": "iid",
-            "device-mix": "0.25:0.5,1.0:0.5", "results-dir": str(tmp_path), "run-name": "run",
-            "eval-samples": 60, "eval-fractions": "1.0", **extra}
+    return overrides(tmp_path, **{"eval-fractions": "1.0", **extra})
 
 
 def test_fedavg_full_is_flowers_fedavg_with_a_plain_pytorch_client(tmp_path):

@@ -10,16 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import randn
+
 from fl_maestro.layers import LowRankConv2d, LowRankLinear, leading
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)  # the layers' own init draws from the global generator
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- forward
@@ -27,7 +20,7 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def test_linear_full_rank_equals_dense_product() -> None:
     layer = LowRankLinear(7, 5)  # max rank min(5, 7) = 5
-    x = _randn(3, 7)
+    x = randn(3, 7)
     expected = F.linear(x, layer.U @ layer.V, layer.bias)
     assert layer.max_rank == layer.rank == 5
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
@@ -36,7 +29,7 @@ def test_linear_full_rank_equals_dense_product() -> None:
 @pytest.mark.parametrize(("stride", "padding"), [(1, 0), (1, 1), (2, 1), (3, 2)])
 def test_conv_full_rank_equals_composed_kernel(stride: int, padding: int) -> None:
     layer = LowRankConv2d(3, 4, 3, stride=stride, padding=padding)  # max rank min(4, 27) = 4
-    x = _randn(2, 3, 9, 9)
+    x = randn(2, 3, 9, 9)
     kernel = layer.composed_weight()
     assert kernel.shape == (4, 3, 3, 3)
     expected = F.conv2d(x, kernel, layer.bias, stride, padding)
@@ -46,7 +39,7 @@ def test_conv_full_rank_equals_composed_kernel(stride: int, padding: int) -> Non
 def test_linear_from_dense_reproduces_module() -> None:
     dense = nn.Linear(12, 9)
     layer = LowRankLinear.from_dense(dense)
-    x = _randn(4, 12)
+    x = randn(4, 12)
     torch.testing.assert_close(layer(x), dense(x), atol=1e-4, rtol=0)
     torch.testing.assert_close(layer.composed_weight(), dense.weight, atol=1e-5, rtol=0)
 
@@ -55,7 +48,7 @@ def test_conv_from_dense_reproduces_module() -> None:
     dense = nn.Conv2d(3, 8, 3, stride=2, padding=1)
     layer = LowRankConv2d.from_dense(dense)
     assert (layer.stride, layer.padding, layer.max_rank) == (2, 1, 8)
-    x = _randn(2, 3, 11, 11)
+    x = randn(2, 3, 11, 11)
     torch.testing.assert_close(layer(x), dense(x), atol=1e-4, rtol=0)
 
 
@@ -74,7 +67,7 @@ def test_from_dense_at_reduced_rank_is_the_best_approximation() -> None:
 
 def test_linear_rank_r_forward_equals_truncated_product() -> None:
     layer = LowRankLinear(10, 6)
-    x = _randn(5, 10)
+    x = randn(5, 10)
     for r in (1, 3, 6):
         layer.set_rank(r)
         expected = x @ (layer.U[:, :r] @ layer.V[:r]).T + layer.bias
@@ -83,7 +76,7 @@ def test_linear_rank_r_forward_equals_truncated_product() -> None:
 
 def test_conv_rank_r_forward_equals_truncated_kernel() -> None:
     layer = LowRankConv2d(3, 8, 3, padding=1)
-    x = _randn(2, 3, 6, 6)
+    x = randn(2, 3, 6, 6)
     for r in (1, 4, 8):
         layer.set_rank(r)
         kernel = (layer.U[:, :r] @ layer.V[:r].reshape(r, -1)).reshape(8, 3, 3, 3)
@@ -100,7 +93,7 @@ def test_conv_rank_r_forward_equals_truncated_kernel() -> None:
 def test_gradients_vanish_exactly_outside_the_prefix(make) -> None:
     layer = make()
     layer.set_rank(2)
-    x = _randn(2, 3, 5, 5) if isinstance(layer, LowRankConv2d) else _randn(4, 10)
+    x = randn(2, 3, 5, 5) if isinstance(layer, LowRankConv2d) else randn(4, 10)
     layer(x).square().sum().backward()
     assert torch.count_nonzero(layer.U.grad[:, 2:]) == 0
     assert torch.count_nonzero(layer.V.grad[2:]) == 0
@@ -114,7 +107,7 @@ def test_gradients_vanish_exactly_outside_the_prefix(make) -> None:
 def test_compute_shrinks_with_the_rank(make, x_shape: tuple[int, ...]) -> None:
     """Forward + backward FLOPs are exactly proportional to the rank: slicing, not masking."""
     layer = make()
-    x = _randn(*x_shape)
+    x = randn(*x_shape)
 
     def flops(rank: int) -> int:
         layer.set_rank(rank)
@@ -132,7 +125,7 @@ def test_forward_flops_match_hand_count() -> None:
     layer = LowRankLinear(10, 6)
     layer.set_rank(2)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        layer(_randn(4, 10))
+        layer(randn(4, 10))
     assert counter.get_total_flops() == 2 * 4 * 32
 
 
@@ -162,7 +155,7 @@ def test_max_rank_argument_is_checked() -> None:
 def test_truncate_keeps_the_prefix() -> None:
     layer = LowRankConv2d(3, 8, 3, padding=1)
     u, v = layer.U.detach().clone(), layer.V.detach().clone()
-    x = _randn(1, 3, 5, 5)
+    x = randn(1, 3, 5, 5)
     layer.set_rank(3)
     before = layer(x)
     layer.truncate(3)
@@ -202,7 +195,7 @@ def test_u_is_rank_major_and_stays_so() -> None:
     layer.truncate(4)
     assert layer.U.t().is_contiguous()
 
-    layer(_randn(2, 10)).sum().backward()
+    layer(randn(2, 10)).sum().backward()
     assert layer.U.grad.t().is_contiguous()  # the gradient follows the parameter's layout
 
 
@@ -217,11 +210,11 @@ def test_u_gradient_arrives_in_u_layout(make, x: tuple[int, ...]) -> None:
     layer.U.register_hook(lambda grad: arrived.append(grad.stride()))
     for r in (2, 3):
         layer.set_rank(r)
-        layer(_randn(*x)).sum().backward()
+        layer(randn(*x)).sum().backward()
     assert arrived == [layer.U.stride()] * 2
     layer.U.grad = None
     layer.set_rank(layer.max_rank)
-    layer(_randn(*x)).sum().backward()
+    layer(randn(*x)).sum().backward()
     assert layer.U.grad.stride() == layer.U.stride()
 
 
@@ -270,6 +263,6 @@ def test_cost_rejects_bad_rank() -> None:
 
 
 def test_leading_slices_a_corner_and_never_the_whole_tensor() -> None:
-    t = _randn(4, 5, 3)
+    t = randn(4, 5, 3)
     assert leading(t, 4, 5, 3) is t and leading(t, 4) is t  # a whole slice would cost a copy
     assert torch.equal(leading(t, 2, 5), t[:2]) and torch.equal(leading(t, 4, 1, 2), t[:, :1, :2])

@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from conftest import overrides, run
+
 from fl_maestro.budgets import ranks_for_budget
 from fl_maestro.config import parse_run_config
 from fl_maestro.federation import initial_arrays, run_federation, shrink_arrays
@@ -84,24 +86,12 @@ def test_plans_of_the_baselines():
     assert takes_part("rankwise", 0.25)
 
 
-def _overrides(tmp_path, **extra) -> dict:
-    return {"dataset": "digits", "num-rounds": 2, "clients-per-round": 4, "partitioner": "iid",
-            "device-mix": "0.25:0.5,1.0:0.5", "results-dir": str(tmp_path), "run-name": "run",
-            "eval-samples": 60, "eval-fractions": "0.5,1.0", **extra}
-
-
-def _run(tmp_path, nodes: int = 4, **extra) -> RunStore:
-    overrides = _overrides(tmp_path, **extra)
-    run_federation(InProcessGrid(nodes, overrides), parse_run_config(overrides))
-    return RunStore(tmp_path / "run")
-
-
 @pytest.mark.parametrize("strategy", ["fedavg-full", "fedavg-smallest", "fedavg-exclusive",
                                       "fjord", "heterofl"])
 def test_each_baseline_runs_end_to_end(tmp_path, strategy):
     # fedavg-exclusive: only the 2 budget-1.0 nodes of 4 take part (more per round is refused).
     per_round = {"clients-per-round": 2} if strategy == "fedavg-exclusive" else {}
-    store = _run(tmp_path, strategy=strategy, **per_round)
+    store = run(tmp_path, strategy=strategy, **per_round)
     clients = store.read("clients")
     assert len(store.read("rounds")) == 2 and len(clients) > 0
     if strategy == "fedavg-exclusive":
@@ -132,7 +122,7 @@ def test_width_baselines_refuse_factor_only_settings(key, value):
 
 def test_progressive_shrinking_shrinks_messages_and_resumes(tmp_path):
     extra = {"shrink-every": 1, "shrink-threshold": 1e9, "num-rounds": 2}
-    store = _run(tmp_path, **extra)
+    store = run(tmp_path, **extra)
     rounds = store.read("rounds")
     clients = store.read("clients")
     assert rounds["global-params"].iloc[-1] < build_model("cnn", SHAPE, 10).cost(kind="params")
@@ -140,7 +130,7 @@ def test_progressive_shrinking_shrinks_messages_and_resumes(tmp_path):
         clients[clients["round"] == 1]["bytes-down"].min()
     _, arrays, _ = store.load_checkpoint()
     assert arrays["conv2.V"].shape[0] == 1  # the checkpoint carries the shrunk shapes
-    resumed = _overrides(tmp_path, **{**extra, "num-rounds": 3, "resume": True})
+    resumed = overrides(tmp_path, **{**extra, "num-rounds": 3, "resume": True})
     run_federation(InProcessGrid(4, resumed), parse_run_config(resumed))
     assert store.checkpoint_round() == 3
 
@@ -149,7 +139,7 @@ def test_svd_init_starts_from_the_dense_model(tmp_path):
     dense = dense_state(_cnn(7))
     path = tmp_path / "dense.safetensors"
     save_file({k: np.ascontiguousarray(v) for k, v in dense.items()}, str(path))
-    store = _run(tmp_path, **{"init": f"svd:{path}", "num-rounds": 1})
+    store = run(tmp_path, **{"init": f"svd:{path}", "num-rounds": 1})
     initial = store.read("evaluation").query("round == 0 and kind == 'fraction' and level == 1.0")
     reference = _cnn(7)
     from fl_maestro.data import load_dataset, make_loader
@@ -167,8 +157,8 @@ def test_importance_allocation_runs_from_the_run_config(tmp_path):
     """The federation sends a 0.25 device exactly the importance allocation of the global model,
     which here is not the uniform one (so a fall-back to uniform fails this)."""
     extra = {"rank-allocation": "importance", "num-rounds": 1}
-    store = _run(tmp_path, **extra)
-    start = initial_arrays(parse_run_config(_overrides(tmp_path, **extra)))
+    store = run(tmp_path, **extra)
+    start = initial_arrays(parse_run_config(overrides(tmp_path, **extra)))
     model = model_from_arrays("cnn", SHAPE, 10, start)
     by_importance = ranks_for_budget(model, 0.25, "importance")
     assert by_importance != ranks_for_budget(model, 0.25, "uniform")
@@ -219,7 +209,7 @@ def _captured_training(tmp_path, monkeypatch, **extra) -> list[dict]:
                                  for n, m in model.ranked_layers().items()}})
         return real_train(model, loader, recipe, max_ranks, **kwargs)
     monkeypatch.setattr(client_app, "train", spy)
-    _run(tmp_path, **{"num-rounds": 1, **extra})
+    run(tmp_path, **{"num-rounds": 1, **extra})
     return calls
 
 
@@ -240,7 +230,7 @@ def test_rankwise_trains_with_the_configured_sampler_and_maestros_loss(tmp_path,
     assert calls and all(c["sampler"] == "independent" and c["distill"] is True
                          and c["hgl"] == 1e-3 for c in calls)
     # HGL's groups are the global ones: each client got the squared norms past its ranks
-    start = initial_arrays(parse_run_config(_overrides(tmp_path, **extra)))
+    start = initial_arrays(parse_run_config(overrides(tmp_path, **extra)))
     assert {c["max_ranks"]["fc"] for c in calls} == {plan_ranks("rankwise", _cnn(), b, [])["fc"]
                                                      for b in (0.25, 1.0)}
     for c in calls:

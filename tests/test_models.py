@@ -5,17 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import randn
+
 from fl_maestro.layers import LowRankConv2d, LowRankLinear
 from fl_maestro.models import CNN, MLP, ResNet18, at_ranks, build_model
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)  # model init draws from the global generator
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 # CNN on 1 x 28 x 28 (fashion-mnist), counted by hand:
@@ -129,7 +122,7 @@ def test_ranks_at_fraction() -> None:
 def test_at_ranks_restores_previous_ranks() -> None:
     model = CNN()
     model.set_ranks({"conv2": 10})
-    x = _randn(2, 1, 28, 28)
+    x = randn(2, 1, 28, 28)
     with at_ranks(model, {"conv2": 3, "fc": 4}) as m:
         assert m.ranks() == {"conv2": 3, "fc": 4}
         m(x)
@@ -141,7 +134,7 @@ def test_at_ranks_restores_previous_ranks() -> None:
 
 def test_rank_changes_output_but_not_shape() -> None:
     model = CNN()
-    x = _randn(3, 1, 28, 28)
+    x = randn(3, 1, 28, 28)
     full = model(x)
     with at_ranks(model, model.ranks_at_fraction(0.25)):
         small = model(x)
@@ -173,7 +166,7 @@ def test_meta_build_truncate_load_round_trip() -> None:
 
     assert client.max_ranks() == client.ranks() == ranks
     assert client.conv2.U.t().is_contiguous() and client.fc.U.t().is_contiguous()
-    x = _randn(2, 1, 28, 28)
+    x = randn(2, 1, 28, 28)
     with at_ranks(server, ranks):
         expected = server(x)
     torch.testing.assert_close(client(x), expected, atol=1e-5, rtol=0)
@@ -188,7 +181,7 @@ def test_mlp_layers_and_forward() -> None:
     model = MLP(input_shape=(1, 8, 8), num_classes=10, hidden=(32, 16))
     assert model.max_ranks() == {"hidden.0": 32, "hidden.1": 16}
     assert all(isinstance(m, LowRankLinear) for m in model.low_rank_layers().values())
-    assert model(_randn(4, 1, 8, 8)).shape == (4, 10)
+    assert model(randn(4, 1, 8, 8)).shape == (4, 10)
     # 64 -> 32 at rank 32: 32 * 96; 32 -> 16 at 16: 16 * 48; classifier 16 * 10
     assert model.cost() == 32 * 96 + 16 * 48 + 160
 
@@ -208,7 +201,7 @@ def test_resnet18_forward_shape_and_layers() -> None:
     uncapped = build_model("resnet18", (3, 32, 32), 10, device="meta", rank_cap="none")
     assert uncapped.max_ranks()["layer4.1.conv2"] == 512
     assert uncapped.max_ranks()["layer2.0.shortcut.0"] == 64
-    x = _randn(2, 3, 32, 32)
+    x = randn(2, 3, 32, 32)
     assert model(x).shape == (2, 10)
     with at_ranks(model, model.ranks_at_fraction(0.25)):
         assert model(x).shape == (2, 10)

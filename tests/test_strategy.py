@@ -68,14 +68,14 @@ def make_strategy(clients_per_round: int = 5, seed: int = 0,
          for p in partitions}))
 
 
-def rows(strategy: RankWiseFedAvg) -> list[dict]:
+def sent_rows(strategy: RankWiseFedAvg) -> list[dict]:
     """Every sent client's row of the last round, as the strategy handed them to its planner."""
     return strategy.planner.rows
 
 
 def totals(strategy: RankWiseFedAvg) -> dict:
     """The round's totals of those rows (counted in one place, fl_maestro.rounds)."""
-    return round_totals(rows(strategy))
+    return round_totals(sent_rows(strategy))
 
 
 def send(strategy: RankWiseFedAvg, server_round: int = 1, grid: FakeGrid | None = None,
@@ -166,7 +166,7 @@ def test_bytes_down_reach_client_rows() -> None:
     strategy = make_strategy()
     messages = send(strategy)
     strategy.aggregate_train(1, good_replies(strategy, messages))
-    for row in rows(strategy):
+    for row in sent_rows(strategy):
         r = RANKS[row["partition-id"]]
         assert row["bytes-down"] == 4 * (4 * r + r * 5 + 4 + 2 * 4)
 
@@ -237,7 +237,7 @@ def test_client_rows() -> None:
     messages = send(strategy)
     replies = good_replies(strategy, messages)
     _, metrics = strategy.aggregate_train(4, replies)
-    rows = rows(strategy)
+    rows = sent_rows(strategy)
     assert [r["partition-id"] for r in rows] == sorted(RANKS)
     for row in rows:
         p, r = row["partition-id"], RANKS[row["partition-id"]]
@@ -255,12 +255,12 @@ def test_shuffled_replies_merge_bit_identically() -> None:
     messages = send(strategy)
     replies = good_replies(strategy, messages)
     reference = to_numpy(strategy.aggregate_train(1, replies)[0])
-    reference_rows = rows(strategy)
+    reference_rows = sent_rows(strategy)
     rng = np.random.default_rng(7)
     for _ in range(4):
         shuffled = [replies[i] for i in rng.permutation(len(replies))]
         assert_arrays_equal(to_numpy(strategy.aggregate_train(1, shuffled)[0]), reference)
-        assert rows(strategy) == reference_rows  # rows in partition-id order
+        assert sent_rows(strategy) == reference_rows  # rows in partition-id order
 
 
 def _bad_variants(strategy: RankWiseFedAvg, message: Message) -> dict[str, Message]:
@@ -304,11 +304,11 @@ def test_bad_reply_dropped_counted_and_logged(kind: str, caplog_strategies) -> N
     assert totals(strategy)["dropped"] == 1
     assert totals(strategy)["clients"] == len(others)
     assert totals(strategy)["dropped-invalid"] == 1 and totals(strategy)["dropped-error"] == 0
-    row = next(r for r in rows(strategy) if r["partition-id"] == 3)
+    row = next(r for r in sent_rows(strategy) if r["partition-id"] == 3)
     assert row["outcome"] == "invalid" and row["reason"].startswith("invalid: ")
     assert row["bytes-up"] == 0 and row["bytes-down"] > 0
-    assert totals(strategy)["bytes-down"] == sum(r["bytes-down"] for r in rows(strategy))
-    assert [r["outcome"] for r in rows(strategy)].count("ok") == len(others)
+    assert totals(strategy)["bytes-down"] == sum(r["bytes-down"] for r in sent_rows(strategy))
+    assert [r["outcome"] for r in sent_rows(strategy)].count("ok") == len(others)
     warnings = [r.getMessage() for r in caplog_strategies.records if r.levelno >= logging.WARNING]
     assert any("partition 3" in w for w in warnings), warnings
 
@@ -322,7 +322,7 @@ def test_error_reply_counts_as_dropped() -> None:
     assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
     assert totals(strategy)["dropped"] == 1 and totals(strategy)["clients"] == len(replies) - 1
     assert totals(strategy)["dropped-error"] == 1 and totals(strategy)["dropped-invalid"] == 0
-    failed = next(r for r in rows(strategy) if r["outcome"] == "error")
+    failed = next(r for r in sent_rows(strategy) if r["outcome"] == "error")
     assert failed["partition-id"] == partition_of(strategy, messages[0])
     assert "client crashed" in failed["reason"] and failed["bytes-up"] == 0
 
@@ -334,7 +334,7 @@ def test_missing_reply_is_a_timeout_row_and_its_bytes_count() -> None:
     merged, metrics = strategy.aggregate_train(1, replies[1:])
     assert_arrays_equal(to_numpy(merged), hand_merge(strategy, replies[1:]))
     assert totals(strategy)["dropped-timeout"] == 1 and totals(strategy)["dropped"] == 1
-    rows = rows(strategy)
+    rows = sent_rows(strategy)
     assert len(rows) == len(messages)
     late = next(r for r in rows if r["outcome"] == "timeout")
     assert late["partition-id"] == partition_of(strategy, messages[0])
@@ -386,9 +386,9 @@ def test_all_bad_returns_none_and_counts() -> None:
     merged, metrics = strategy.aggregate_train(1, bad)
     assert merged is None
     assert isinstance(metrics, MetricRecord) and totals(strategy)["dropped"] == 5
-    assert [r["outcome"] for r in rows(strategy)] == ["invalid"] * 4 + ["error"]
+    assert [r["outcome"] for r in sent_rows(strategy)] == ["invalid"] * 4 + ["error"]
     assert totals(strategy)["dropped-invalid"] == 4 and totals(strategy)["dropped-error"] == 1
-    assert [r["outcome"] for r in rows(strategy)].count("ok") == 0
+    assert [r["outcome"] for r in sent_rows(strategy)].count("ok") == 0
 
 
 def test_mismatched_factor_ranks_dropped() -> None:
@@ -415,7 +415,7 @@ def test_reply_must_have_exactly_the_sent_shapes() -> None:
     arrays["fc.U"], arrays["fc.V"] = arrays["fc.U"][:, :2].copy(), arrays["fc.V"][:2].copy()
     merged, metrics = strategy.aggregate_train(1, [reply(m, arrays)])
     assert merged is None and totals(strategy)["dropped-invalid"] == 1
-    row = next(r for r in rows(strategy) if r["partition-id"] == 2)
+    row = next(r for r in sent_rows(strategy) if r["partition-id"] == 2)
     assert "exactly the shapes it was sent" in row["reason"]
 
 
@@ -444,7 +444,7 @@ def test_example_count_above_the_partition_size_is_dropped() -> None:
                      examples=claims[partition_of(strategy, m)]) for m in messages]
     _, metrics = strategy.aggregate_train(1, replies)
     assert totals(strategy)["clients"] == 1 and metrics["examples"] == 50
-    row = next(r for r in rows(strategy) if r["partition-id"] == 1)
+    row = next(r for r in sent_rows(strategy) if r["partition-id"] == 1)
     assert row["outcome"] == "invalid" and "exceeds the 50 training examples" in row["reason"]
 
 
@@ -464,11 +464,11 @@ def test_unanswered_clients_get_timeout_rows_and_their_bytes_count() -> None:
     messages = send(strategy)
     replies = good_replies(strategy, messages)[:3]
     _, metrics = strategy.aggregate_train(1, replies)
-    outcomes = [r["outcome"] for r in rows(strategy)]
+    outcomes = [r["outcome"] for r in sent_rows(strategy)]
     assert outcomes.count("timeout") == 2 and totals(strategy)["dropped-timeout"] == 2
     assert totals(strategy)["sent"] == 5 and totals(strategy)["clients"] == 3
     assert totals(strategy)["bytes-down"] == sum(strategy._bytes_down.values())
-    assert totals(strategy)["bytes-up"] == sum(r["bytes-up"] for r in rows(strategy))
+    assert totals(strategy)["bytes-up"] == sum(r["bytes-up"] for r in sent_rows(strategy))
 
 
 @pytest.mark.parametrize("argument", ["fraction_train", "min_available_nodes",

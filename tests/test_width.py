@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import randn
+
 from fl_maestro.budgets import ranks_for_budget
 from fl_maestro.data import load_digits, make_loader
 from fl_maestro.models import CNN, at_ranks, model_arrays
@@ -22,10 +24,6 @@ from fl_maestro.width import (
     width_model_from_arrays,
 )
 from strategies.merge import check_reply, corner_arrays, merge_nested
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -45,7 +43,7 @@ def test_full_width_layers_equal_their_dense_modules() -> None:
     dense_linear, dense_conv = nn.Linear(7, 5), nn.Conv2d(3, 4, 3, stride=2, padding=1)
     dense_linear.load_state_dict(linear.state_dict())
     dense_conv.load_state_dict(conv.state_dict())
-    x, image = _randn(2, 7), _randn(2, 3, 9, 9)
+    x, image = randn(2, 7), randn(2, 3, 9, 9)
     torch.testing.assert_close(linear(x), dense_linear(x), atol=1e-6, rtol=0)
     torch.testing.assert_close(conv(image), dense_conv(image), atol=1e-6, rtol=0)
 
@@ -54,7 +52,7 @@ def test_sliced_forward_equals_the_dense_layer_of_the_slice() -> None:
     linear, conv = WidthLinear(7, 5), WidthConv2d(3, 4, 3, padding=1)
     linear.set_rank(2)
     conv.set_rank(3)
-    x, image = _randn(2, 4), _randn(2, 2, 6, 6)  # inputs narrower than held: 4 of 7, 2 of 3
+    x, image = randn(2, 4), randn(2, 2, 6, 6)  # inputs narrower than held: 4 of 7, 2 of 3
     expected_linear = F.linear(x, linear.weight[:2, :4], linear.bias[:2])
     expected_conv = nn.Conv2d(2, 3, 3, padding=1)
     with torch.no_grad():
@@ -69,7 +67,7 @@ def test_gradients_outside_the_active_slice_are_exactly_zero() -> None:
     linear, conv = WidthLinear(7, 5), WidthConv2d(3, 4, 3, padding=1)
     linear.set_rank(2)
     conv.set_rank(3)
-    (linear(_randn(2, 4)).sum() + conv(_randn(2, 2, 6, 6)).square().sum()).backward()
+    (linear(randn(2, 4)).sum() + conv(randn(2, 2, 6, 6)).square().sum()).backward()
     for layer, (r, c) in ((linear, (2, 4)), (conv, (3, 2))):
         grad = layer.weight.grad.clone()
         assert grad[:r, :c].abs().sum() > 0
@@ -90,7 +88,7 @@ def test_group_norm_keeps_whole_groups_of_a_leading_corner() -> None:
     norm = _randomise(WidthGroupNorm(8, group_size=2))
     dense = nn.GroupNorm(4, 8)
     dense.load_state_dict(norm.state_dict())
-    x = _randn(2, 8, 3, 3)
+    x = randn(2, 8, 3, 3)
     torch.testing.assert_close(norm(x), dense(x), atol=1e-6, rtol=0)
     # 4 channels: the first two groups, exactly as at full width (stats are per group)
     torch.testing.assert_close(norm(x[:, :4]), dense(x)[:, :4], atol=1e-6, rtol=0)
@@ -144,7 +142,7 @@ def _dense_cnn_of_slice(model: WidthCNN, r: dict[str, int]) -> nn.Sequential:
 def test_cnn_at_a_width_equals_a_dense_cnn_of_the_sliced_weights(fraction: float) -> None:
     model = WidthCNN()
     ranks = model.ranks_at_fraction(fraction)
-    x = _randn(3, 1, 28, 28)
+    x = randn(3, 1, 28, 28)
     with at_ranks(model, ranks):
         out = model(x)
     assert out.shape == (3, 10)
@@ -156,7 +154,7 @@ def test_cnn_gradients_stay_inside_the_slice() -> None:
     ranks = {"conv1": 5, "conv2": 9, "fc": 11}
     shapes = model.slice_shapes(ranks)
     with at_ranks(model, ranks):
-        F.cross_entropy(model(_randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+        F.cross_entropy(model(randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
     for name, p in model.named_parameters():
         corner = tuple(slice(0, a) for a in shapes[name])
         grad = p.grad.clone()
@@ -189,7 +187,7 @@ def test_client_model_from_a_slice_equals_the_global_model_at_those_ranks(
     client = width_model_from_arrays(name, input_shape, 10, arrays)
     assert client.max_ranks() == ranks
     assert all(np.array_equal(v, arrays[k]) for k, v in model_arrays(client).items())
-    x = _randn(2, *input_shape)
+    x = randn(2, *input_shape)
     with at_ranks(model, ranks):
         torch.testing.assert_close(client(x), model(x), atol=1e-5, rtol=1e-5)
 
