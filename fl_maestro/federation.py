@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.numpy import load_file
 
@@ -27,6 +27,7 @@ from fl_maestro.budgets import assign_budgets
 from fl_maestro.components import component_rows, coverage_from_metrics
 from fl_maestro.config import RunConfig, defaults
 from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
+from fl_maestro.discovery import Discovery
 from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
 from fl_maestro.methods import HGL_BEYOND, TIER_GRID, Planning, get_method, tier_grid_ranks
@@ -59,48 +60,6 @@ def resume_changes(saved: Mapping, now: Mapping) -> dict:
     """Keys (saved value, new value) a resumed run may not change but does."""
     return {k: (saved.get(k), v) for k, v in now.items()
             if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-
-
-class Discovery:
-    """Ask every connected node for its partition id, partition count and optional budget.
-
-    The first queries go out when the object is made, so nodes (in a simulation: Ray actors
-    loading the ClientApp) answer while the server sets up; ``result()`` collects them. Queries go
-    out ``chunk`` at a time: Flower's simulation dispatch rescans every message in flight for every
-    node, so thousands at once cost quadratic time.
-    """
-
-    def __init__(self, grid: Grid, chunk: int = 256) -> None:
-        self.grid, self.chunk = grid, chunk
-        self.node_ids = sorted(grid.get_node_ids())
-        self._pending = self._ask(self.node_ids[:chunk])
-
-    def _ask(self, node_ids: list[int]) -> set[str]:
-        messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                    for n in node_ids]
-        return set(self.grid.push_messages(messages)) if messages else set()
-
-    def result(self, timeout: float = 600, poll: float = 0.05) -> dict[int, Mapping]:
-        """Every node's description. Each chunk gets ``timeout`` seconds; nodes silent that long
-        are left out (logged), as Flower's ``send_and_receive`` would leave them."""
-        nodes: dict[int, Mapping] = {}
-        for first in range(self.chunk, len(self.node_ids) + self.chunk, self.chunk):
-            deadline = time.monotonic() + timeout
-            while self._pending and time.monotonic() < deadline:
-                for reply in self.grid.pull_messages(self._pending):
-                    self._pending.discard(reply.metadata.reply_to_message_id)
-                    if reply.has_error():
-                        raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe "
-                                           f"itself: {reply.error.reason}")
-                    nodes[reply.metadata.src_node_id] = dict(reply.content["node"])
-                if self._pending:
-                    time.sleep(poll)
-            if self._pending:
-                log.warning("%d nodes did not answer within %g s; going on without them",
-                            len(self._pending), timeout)
-            log.info("discovered %d of %d nodes", len(nodes), len(self.node_ids))
-            self._pending = self._ask(self.node_ids[first:first + self.chunk])
-        return nodes
 
 
 def node_budgets(cfg: RunConfig, nodes: Mapping[int, Mapping]) -> dict[int, float]:
@@ -319,9 +278,11 @@ class Federation:
 
         The device world picks who is online at the round's simulated start and decides, before
         anyone trains, who drops out, straggles or trains only part of its steps; the round's
-        simulated duration moves the clock. Its parts are phases ``training:plan`` (ranks,
-        sampling and the device world's decisions), ``training:configure`` (slicing and encoding
-        each client's message), ``training:clients`` (waiting for the replies: the clients' work
+        simulated duration moves the clock. The strategy asks the round's ``RoundPlanner`` who
+        may train and whom to send, and hands it the replies' rows. Its parts are phases
+        ``training:plan`` (every client's ranks, who is online), ``training:configure``
+        (sampling, the device world's decisions, slicing and encoding each client's message),
+        ``training:clients`` (waiting for the replies: the clients' work
         and the transport) and ``training:merge`` (decoding, checking and merging the replies) of
         ``timeline``.
         """
@@ -331,7 +292,7 @@ class Federation:
         with timeline.phase(server_round, "training:plan"):
             model, specs = self.replan(server_round)
             planner.start(server_round, model, self.arrays, specs, self.clock)
-        with timeline.phase(server_round, "training:configure"):  # sampling, fates, messages
+        with timeline.phase(server_round, "training:configure"):
             messages = list(self.strategy.configure_train(server_round, to_record(self.arrays),
                                                           ConfigRecord(), self.grid))
         with timeline.phase(server_round, "training:clients"):

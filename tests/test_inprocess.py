@@ -7,7 +7,8 @@ import pytest
 
 from fl_maestro.config import parse_run_config
 from fl_maestro.results import RunStore
-from fl_maestro.federation import Discovery, run_federation
+from fl_maestro.discovery import Discovery
+from fl_maestro.federation import run_federation
 from simulations.inprocess import InProcessGrid
 
 
