@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import overrides
+
 from fl_maestro import streams
 from fl_maestro.budgets import assign_budgets
 from fl_maestro.config import parse_run_config
-from fl_maestro.federation import evaluation_subset, node_budgets
-from strategies.rankwise import RankWiseFedAvg
+from fl_maestro.federation import Federation, evaluation_subset, node_budgets
 
 NAMES = ("budgets", "sampling", "evaluation", "partition", "shuffle", "training", "init")
 
@@ -31,7 +32,7 @@ def test_bad_seeds_and_names_are_refused(bad) -> None:
         streams.rng(0, "")
 
 
-def test_the_run_draws_each_purpose_from_its_own_stream() -> None:
+def test_the_run_draws_each_purpose_from_its_own_stream(tmp_path) -> None:
     """Budgets, client sampling and the evaluation subset of one seed share no raw bits: none is
     the plain ``default_rng(seed)`` stream, and no two are the same permutation."""
     seed, n = 5, 40
@@ -41,8 +42,9 @@ def test_the_run_draws_each_purpose_from_its_own_stream() -> None:
     plain = assign_budgets(cfg.device_mix, n, np.random.default_rng(seed)).tolist()
     assert budgets == assign_budgets(cfg.device_mix, n, streams.rng(seed, "budgets")).tolist()
     assert budgets != plain
-    sampler = RankWiseFedAvg(10, seed=seed).rng
-    assert sampler.random() != np.random.default_rng(seed).random()
+    sampler = Federation(None, parse_run_config(overrides(tmp_path, seed=seed))).strategy.rng
+    assert sampler.random() == streams.rng(seed, "sampling").random()
+    assert streams.rng(seed, "sampling").random() != np.random.default_rng(seed).random()
     subset = evaluation_subset(seed, 1000, 1000)
     assert sorted(subset.tolist()) == list(range(1000))
     assert not np.array_equal(subset, np.random.default_rng(seed).permutation(1000))
