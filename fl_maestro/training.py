@@ -1,7 +1,8 @@
 """Plain-PyTorch local training and evaluation at rank prefixes (nothing of Flower in here).
 
-``train`` runs ordered dropout inside a client's maximum ranks: every step draws a rank prefix with
-the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
+``train`` runs ordered dropout inside a client's maximum ranks as its ``Recipe`` says (one
+dataclass, built once from the method and the run config by ``fl_maestro.methods.recipe``): every
+step draws a rank prefix with the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
 ``CE(full pass, y) + CE(sampled pass, softmax(full pass).detach())``, "full" meaning the client's
 maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. ``hgl_lambda`` adds the
 hierarchical group lasso (with ``hgl_beyond``, the server's constants for the components the client
