@@ -41,9 +41,9 @@ from typing import Any
 import pandas as pd
 
 from fl_maestro.results import RunStore
-from fl_maestro.runtime import ALLOCATOR_ENV
 from fl_maestro.server_app import setup_logging
 from simulations.bench_federation import machine
+from simulations.bench_throughput import bench_env
 from simulations.scenarios import get_scenario
 
 log = logging.getLogger("fl_maestro.bench")
@@ -74,7 +74,7 @@ def run_method(code: Path, scratch: Path, name: str, values: Mapping[str, Any], 
                "-c", f"num-rounds={rounds}", "-c", "eval-every=1"]
     for key, value in values.items():
         command += ["-c", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    env = {**os.environ, **ALLOCATOR_ENV, "PYTHONPATH": str(code)}
+    env = {**bench_env(), "PYTHONPATH": str(code)}
     before = child_cpu()
     done = subprocess.run(command, cwd=code, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
@@ -197,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="another checkout to measure side by side (e.g. /work/wt/base)")
     parser.add_argument("--base-label", default="base")
     parser.add_argument("--methods", default="", help="comma-separated subset of the methods")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (the comparison sweeps ran one per process)")
     args = parser.parse_args(argv)
     setup_logging()
+    os.environ["BENCH_THREADS"] = str(args.threads)
     methods = comparison_methods()
     if args.methods:
         unknown = sorted(set(args.methods.split(",")) - set(methods))
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "comparison.csv", index=False)
     text = summary(frame, args.rounds)
-    (out / "comparison.md").write_text(f"# What the comparison costs\n\n{machine()}\n\n{text}\n")
+    (out / "comparison.md").write_text(f"# What the comparison costs\n\n{machine()}; every run with "
+                                       f"{args.threads} torch thread(s)\n\n{text}\n")
     print(text)
     return 1 if frame["failed"].any() else 0  # the numbers are saved either way
 

@@ -132,12 +132,23 @@ def run_counts(store: RunStore) -> dict:
     return counts
 
 
+def bench_env(threads: int | None = None) -> dict[str, str]:
+    """The environment of a measured child: the allocator settings, and ``--threads`` when given
+    (``BENCH_THREADS``; on a machine shared with other work, one thread per process keeps OpenMP
+    threads from spin-waiting for a busy core, which inflates CPU seconds and wall time alike)."""
+    env = {**os.environ, **ALLOCATOR_ENV}
+    threads = threads or os.environ.get("BENCH_THREADS")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["BENCH_THREADS"] = str(threads)
+    return env
+
+
 def simulate(scratch: Path, name: str, rounds: int, precision: str, nodes: int = 100) -> dict:
     """Run the default experiment in one fresh process; return ``run_counts`` of it."""
     command = [sys.executable, "-m", "simulations.inprocess", "--nodes", str(nodes),
                "-c", f"results-dir={scratch}", "-c", f"run-name={name}",
                "-c", f"num-rounds={rounds}", "-c", f"precision={precision}"]
-    subprocess.run(command, check=True, env={**os.environ, **ALLOCATOR_ENV},
+    subprocess.run(command, check=True, env=bench_env(),
                    stdout=subprocess.DEVNULL)
     return run_counts(RunStore(scratch / name))
 
@@ -146,7 +157,7 @@ def plain(train_examples: int, eval_examples: int, device: str) -> dict:
     """``plain_loop`` in a fresh process, as the simulation runs (same imports, same allocator)."""
     command = [sys.executable, "-m", "simulations.bench_throughput", "--plain-loop",
                str(train_examples), str(eval_examples), "--device", device]
-    out = subprocess.run(command, check=True, env={**os.environ, **ALLOCATOR_ENV},
+    out = subprocess.run(command, check=True, env=bench_env(),
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -225,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every measured process (default: torch's own)")
     parser.add_argument("--plain-loop", nargs=2, type=int, metavar=("TRAIN", "EVAL"),
                         help="only run the plain loop over that many examples; print JSON")
     args = parser.parse_args(argv)
@@ -232,12 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plain_loop(*args.plain_loop, args.device)))
         return 0
     setup_logging()
+    if args.threads:
+        os.environ["BENCH_THREADS"] = str(args.threads)
     frame = bench(args.rounds, args.repeats, args.precisions.split(","), args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "throughput.csv", index=False)
     text = summary(frame)
-    (out / "throughput.md").write_text(f"# Throughput benchmark\n\n{machine()}\n\n{text}\n")
+    threads = f"; every measured process with {args.threads} torch thread(s)" if args.threads else ""
+    (out / "throughput.md").write_text(f"# Throughput benchmark\n\n{machine()}{threads}\n\n{text}\n")
     print(text)
     return 1 if frame["failed"].any() else 0  # the numbers are saved either way
 
