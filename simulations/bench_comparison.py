@@ -43,7 +43,7 @@ import pandas as pd
 from fl_maestro.results import RunStore
 from fl_maestro.server_app import setup_logging
 from simulations.bench_federation import machine
-from simulations.bench_throughput import bench_env
+from simulations.bench_throughput import bench_env, judge_inprocess
 from simulations.scenarios import get_scenario
 
 log = logging.getLogger("fl_maestro.bench")
@@ -85,16 +85,6 @@ def run_method(code: Path, scratch: Path, name: str, values: Mapping[str, Any], 
                   done.stderr[-2000:])
         return {"failed": True, "reason": reason}
     return {"failed": False, "reason": "", **phase_costs(RunStore(scratch / name), process_cpu)}
-
-
-def judge_inprocess(returncode: int, store: RunStore, rounds: int) -> str:
-    """Why an in-process run failed (``""`` if it did not): the launcher's rule without Flower's
-    run status, which has no SuperLink here: exit code 0 and a checkpoint of the last round."""
-    if returncode != 0:
-        return f"exit code {returncode}"
-    if not store.root.exists() or store.checkpoint_round() != rounds:
-        return f"no checkpoint of round {rounds}"
-    return ""
 
 
 def phase_costs(store: RunStore, process_cpu: float) -> dict[str, float]:

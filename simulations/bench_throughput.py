@@ -143,13 +143,25 @@ def bench_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
+def judge_inprocess(returncode: int, store: RunStore, rounds: int) -> str:
+    """Why an in-process run failed (``""`` if it did not): the launcher's rule without Flower's
+    run status, which has no SuperLink here: exit code 0 and a checkpoint of the last round."""
+    if returncode != 0:
+        return f"exit code {returncode}"
+    if not store.root.exists() or store.checkpoint_round() != rounds:
+        return f"no checkpoint of round {rounds}"
+    return ""
+
+
 def simulate(scratch: Path, name: str, rounds: int, precision: str, nodes: int = 100) -> dict:
     """Run the default experiment in one fresh process; return ``run_counts`` of it."""
     command = [sys.executable, "-m", "simulations.inprocess", "--nodes", str(nodes),
                "-c", f"results-dir={scratch}", "-c", f"run-name={name}",
                "-c", f"num-rounds={rounds}", "-c", f"precision={precision}"]
-    subprocess.run(command, check=True, env=bench_env(),
-                   stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, env=bench_env(), stdout=subprocess.DEVNULL)
+    reason = judge_inprocess(done.returncode, RunStore(scratch / name), rounds)
+    if reason:
+        raise RuntimeError(reason)
     return run_counts(RunStore(scratch / name))
 
 
@@ -171,9 +183,9 @@ def bench(rounds: int, repeats: int, precisions: list[str], device: str) -> pd.D
             for precision in precisions:
                 try:
                     run = simulate(scratch, f"{precision}-{repeat}", rounds, precision)
-                except subprocess.CalledProcessError as err:  # e.g. a run stopped by its checks
-                    log.error("repeat %d, %s: the run failed (exit %d); recorded, not timed",
-                              repeat, precision, err.returncode)
+                except RuntimeError as err:  # e.g. a run stopped by its checks
+                    log.error("repeat %d, %s: the run failed (%s); recorded, not timed",
+                              repeat, precision, err)
                     rows.append({"repeat": repeat, "precision": precision, "device": device,
                                  "failed": True})
                     continue

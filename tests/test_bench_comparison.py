@@ -5,8 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from fl_maestro.results import RunStore
 from simulations.bench_comparison import (HERE, comparison_methods, projected_cell, run_method,
                                           summary)
+from simulations.bench_federation import check_finished
+from simulations.bench_throughput import judge_inprocess
 
 DIGITS = {"dataset": "digits", "clients-per-round": 3, "eval-samples": 100,
           "device-mix": "0.5:0.5,1.0:0.5", "partitioner": "iid"}
@@ -41,3 +44,14 @@ def test_a_diverging_run_is_recorded_as_failed_and_a_finished_one_costed(tmp_pat
     text = summary(frame, 2)
     assert "this a: the run FAILED (exit code 1); not costed." in text
     assert "not projected: a method's run failed" in text
+
+
+def test_every_benchmark_judges_runs_as_the_launcher_does(tmp_path) -> None:
+    """``flwr run --stream`` exits 0 when the ServerApp fails: Flower's status says so."""
+    overrides = {"results-dir": str(tmp_path), "run-name": "x", "num-rounds": 2}
+    with pytest.raises(RuntimeError, match="finished:failed"):
+        check_finished(0, overrides, "finished:failed")
+    with pytest.raises(RuntimeError, match="no run folder|did not finish"):
+        check_finished(0, overrides, "finished:completed")  # completed, but no rounds on disk
+    assert judge_inprocess(0, RunStore(tmp_path / "x"), 2) == "no checkpoint of round 2"
+    assert judge_inprocess(3, RunStore(tmp_path / "x"), 2) == "exit code 3"
