@@ -99,8 +99,3 @@ class StepPasses:
             return F.cross_entropy(logits, y), logits
         full, sampled = self.pair(x, ranks)
         return self_distillation_loss(full, sampled, y), full
-
-    def restore(self) -> None:
-        """Run every layer at the maximum ranks again."""
-        for n, m in self.modules.items():
-            m.set_rank(self.max_ranks[n])
