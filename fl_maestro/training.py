@@ -4,8 +4,8 @@
 the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
 ``CE(full pass, y) + CE(sampled pass, softmax(full pass).detach())``, "full" meaning the client's
 maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. The two passes share
-every stage before the first whose ranks differ, computed once (``fl_maestro.passes``). ``hgl_lambda`` adds the
-hierarchical group lasso (with ``hgl_beyond``, the server's constants for the components the client
+every stage before the first whose ranks differ, computed once (``fl_maestro.passes``).
+``hgl_lambda`` adds the hierarchical group lasso (with ``hgl_beyond``, the server's constants for the components the client
 does not hold, it is the global penalty restricted to the client's components). ``classes`` masks the
 loss as HeteroFL does: the logits of classes outside the client's data are set to 0, so their
 classifier rows get no gradient from it.
