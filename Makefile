@@ -54,10 +54,15 @@ test: venv data
 
 # Speed targets live here, not in the tests; outputs are saved under results/bench/.
 # Every benchmark runs even when one fails; the target fails if any did.
+# BENCH_BASE: another checkout (e.g. of c89f1d9) whose comparison cost is measured side by side;
+# BENCH_THREADS: torch threads of the throughput runs (on a busy shared machine, 1).
+BENCH_BASE ?=
+BENCH_THREADS ?=
 bench: venv data
 	status=0; \
 	$(PY) -m simulations.bench_layers --out results/bench || status=1; \
-	$(PY) -m simulations.bench_throughput --out results/bench || status=1; \
+	$(PY) -m simulations.bench_throughput --out results/bench $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) || status=1; \
+	$(PY) -m simulations.bench_comparison --out results/bench $(if $(BENCH_BASE),--base $(BENCH_BASE)) || status=1; \
 	$(PY) -m simulations.bench_federation --out results/bench || status=1; \
 	exit $$status
 

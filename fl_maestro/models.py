@@ -279,11 +279,16 @@ class LeNet(RankedModel):
         self.fc2 = LowRankLinear(120, 84)
         self.classifier = nn.Linear(84, num_classes)
 
+    def stages(self) -> tuple[Stage, ...]:
+        """conv1 block, conv2 block, fc1, then fc2 and the classifier."""
+        pool = nn.functional.max_pool2d
+        return (Stage(lambda x: pool(torch.relu(self.conv1(x)), 2), ("conv1",)),
+                Stage(lambda x: pool(torch.relu(self.conv2(x)), 2), ("conv2",)),
+                Stage(lambda x: torch.relu(self.fc1(x.flatten(1))), ("fc1",)),
+                Stage(lambda x: self.classifier(torch.relu(self.fc2(x))), ("fc2", "classifier")))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        x = torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1)))))
-        return self.classifier(x)
+        return run_stages(self.stages(), x)
 
 
 def _norm(channels: int) -> nn.GroupNorm:

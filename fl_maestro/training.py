@@ -4,8 +4,9 @@
 dataclass, built once from the method and the run config by ``fl_maestro.methods.recipe``): every
 step draws a rank prefix with the sampler and trains only it. With ``distill`` it uses Maestro's self-distilling loss,
 ``CE(full pass, y) + CE(sampled pass, softmax(full pass).detach())``, "full" meaning the client's
-maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. ``hgl_lambda`` adds the
-hierarchical group lasso (with ``hgl_beyond``, the server's constants for the components the client
+maximum ranks; without it, plain ordered dropout ``CE(sampled pass, y)``. The two passes share
+every stage before the first whose ranks differ, computed once (``fl_maestro.passes``).
+``hgl_lambda`` adds the hierarchical group lasso (with ``hgl_beyond``, the server's constants for the components the client
 does not hold, it is the global penalty restricted to the client's components). ``classes`` masks the
 loss as HeteroFL does: the logits of classes outside the client's data are set to 0, so their
 classifier rows get no gradient from it.
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fl_maestro import streams
 from fl_maestro.components import StepCounter
@@ -39,6 +39,7 @@ from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.layers import leading
 from fl_maestro.models import RankedModel
 from fl_maestro.optim import CornerSGD, corner_view
+from fl_maestro.passes import StepPasses
 from fl_maestro.precision import autocast, check_precision, to_device, use_fast_layout
 from fl_maestro.sampling import Sampler, get_sampler
 from fl_maestro.shrinking import hgl_penalty
@@ -104,6 +105,8 @@ def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
     if classes is not None:  # HeteroFL's label mask: True where a class is not in the data
         absent = torch.ones(model.classifier.out_features, dtype=torch.bool, device=device)
         absent[list(classes)] = False
+    passes = StepPasses(model, max_ranks, absent)
+    step_cost = _cached_costs(model)
     start, steps, macs = time.perf_counter(), 0, 0
     coverage = StepCounter(max_ranks)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -119,14 +122,14 @@ def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
             ranks = draw(max_ranks, rng)
             trained = max_ranks if distill or hgl_lambda > 0 else ranks  # what the loss reaches
             coverage.add(trained)
-            loss, logits = step(trained, lambda: _step_loss(model, x, y, max_ranks, ranks, distill,
-                                                            hgl_lambda, hgl_beyond, absent,
+            loss, logits = step(trained, lambda: _step_loss(passes, x, y, max_ranks, ranks,
+                                                            distill, hgl_lambda, hgl_beyond,
                                                             precision))
             steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
-            macs += step_macs(len(y), model.cost(ranks, "macs"), full_macs, distill)
+            macs += step_macs(len(y), step_cost(ranks), full_macs, distill)
         log.debug("epoch %d/%d: loss %.4f over %d examples", epoch + 1, epochs,
                   loss_sum / max(seen, 1), seen)
     model.set_ranks(max_ranks)
@@ -161,15 +164,8 @@ def planned_step_macs(model: RankedModel, max_ranks: Mapping[str, int],
     """
     draw = get_sampler(sampler) if isinstance(sampler, str) else sampler
     full_macs = model.cost(max_ranks, "macs")
-    costs: dict[tuple, float] = {}
-    out = []
-    for batch in batches:
-        ranks = draw(max_ranks, rng)
-        key = tuple(ranks.values())
-        if key not in costs:
-            costs[key] = model.cost(ranks, "macs")
-        out.append(step_macs(batch, costs[key], full_macs, distill))
-    return out
+    cost = _cached_costs(model)
+    return [step_macs(batch, cost(draw(max_ranks, rng)), full_macs, distill) for batch in batches]
 
 
 def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,
@@ -214,38 +210,30 @@ def _decay_corners(model: RankedModel, corners: Mapping[str, tuple[int, ...]], w
                 leading(p.grad, *corners[name]).add_(leading(p, *corners[name]), alpha=weight_decay)
 
 
-def _step_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor, max_ranks: Mapping[str, int],
-               ranks: Mapping[str, int], distill: bool, hgl_lambda: float,
+def _step_loss(passes: StepPasses, x: torch.Tensor, y: torch.Tensor,
+               max_ranks: Mapping[str, int], ranks: Mapping[str, int], distill: bool,
+               hgl_lambda: float,
                hgl_beyond: Mapping[str, tuple[float, float]] | None = None,
-               absent: torch.Tensor | None = None, precision: str = "fp32"):
+               precision: str = "fp32"):
     """The step's loss and the logits of the pass trained on the labels."""
     with autocast(precision, x.device):
-        loss, logits = _passes_loss(model, x, y, max_ranks, ranks, distill, absent)
+        loss, logits = passes.loss(x, y, ranks, distill)
     if hgl_lambda > 0:  # in float32, outside autocast: norms of the factors themselves
-        loss = loss + hgl_lambda * hgl_penalty(model.low_rank_layers(), max_ranks, hgl_beyond)
+        layers = passes.model.low_rank_layers()
+        loss = loss + hgl_lambda * hgl_penalty(layers, max_ranks, hgl_beyond)
     return loss, logits
 
 
-def _passes_loss(model: RankedModel, x: torch.Tensor, y: torch.Tensor,
-                 max_ranks: Mapping[str, int], ranks: Mapping[str, int], distill: bool,
-                 absent: torch.Tensor | None = None):
-    """The cross-entropy of the step's forward passes, and the logits trained on the labels."""
-    def forward() -> torch.Tensor:
-        logits = model(x)
-        return logits if absent is None else logits.masked_fill(absent, 0.0)
+def _cached_costs(model: RankedModel) -> Callable[[Mapping[str, int]], float]:
+    """``model.cost(ranks, "macs")``, computed once per distinct ranks (a sampler repeats them)."""
+    costs: dict[tuple, float] = {}
 
-    if distill:
-        model.set_ranks(max_ranks)
-        full_logits = forward()
-        model.set_ranks(ranks)
-        sampled = forward()
-        teacher = F.softmax(full_logits.detach(), dim=1)
-        loss, logits = F.cross_entropy(full_logits, y) + F.cross_entropy(sampled, teacher), full_logits
-    else:
-        model.set_ranks(ranks)
-        logits = forward()
-        loss = F.cross_entropy(logits, y)
-    return loss, logits
+    def cost(ranks: Mapping[str, int]) -> float:
+        key = tuple(ranks.items())
+        if key not in costs:
+            costs[key] = model.cost(ranks, "macs")
+        return costs[key]
+    return cost
 
 
 def evaluate(model: RankedModel, loader: Iterable, ranks: Mapping[str, int] | None = None,

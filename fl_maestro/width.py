@@ -183,7 +183,7 @@ class WidthLeNet(WidthModel):
         self.fc2 = WidthLinear(held["fc1"], held["fc2"])
         self.classifier = WidthLinear(held["fc2"], num_classes, sliceable_out=False)
 
-    forward = LeNet.forward  # the same network as models.LeNet, layer for layer
+    stages, forward = LeNet.stages, LeNet.forward  # the same network as models.LeNet, layer for layer
 
 
 def _group_size(channels: int) -> int:

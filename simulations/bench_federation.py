@@ -40,7 +40,7 @@ from fl_maestro.models import build_model, model_arrays
 from fl_maestro.results import RunStore
 from fl_maestro.runtime import ALLOCATOR_ENV
 from fl_maestro.server_app import setup_logging
-from simulations.launch import PrivateSuperLink, federation_config, run_finished
+from simulations.launch import PrivateSuperLink, federation_config, judge
 from strategies.merge import merge_nested, prefix_arrays
 from strategies.records import to_record
 
@@ -96,6 +96,14 @@ def _phases(store: RunStore, started: float, ended: float) -> dict[str, float]:
             "per-round": float(rounds["seconds"].sum()) / max(rounds["round"].nunique(), 1)}
 
 
+def check_finished(code: int, overrides: dict, status: str | None) -> None:
+    """Raise unless the launcher would call the run a success: ``flwr run --stream`` exits 0 when
+    the ServerApp fails, so its exit code, Flower's run status and the last checkpoint all count."""
+    if judge(code, overrides, status) != 0:
+        raise RuntimeError(f"the flwr run did not finish (exit code {code}, Flower's run status "
+                           f"{status or 'unknown'}): see its log above")
+
+
 def bench_overhead(rounds: int, supernodes: int = 100) -> tuple[list[dict], list[dict]]:
     """The default experiment through Flower and in one process: wall time and where it went.
 
@@ -115,8 +123,7 @@ def bench_overhead(rounds: int, supernodes: int = 100) -> tuple[list[dict], list
         with PrivateSuperLink() as link:
             code = link.run(overrides, federation_config(supernodes))
         ended = time.time()
-        if code != 0 or not run_finished(overrides):  # flwr run exits 0 when the ServerApp fails
-            raise RuntimeError(f"the flwr run did not finish (exit code {code}): see its log above")
+        check_finished(code, overrides, link.status)
         flower = {"wall": ended - start, **_phases(RunStore(scratch / "flower"), start, ended)}
         # The plain loop is a command of its own too, so both sides pay a fresh process's imports.
         command = [sys.executable, "-m", "simulations.inprocess", "--nodes", str(supernodes),

@@ -35,8 +35,9 @@ from typing import Any
 import pandas as pd
 
 from fl_maestro.results import RunStore
-from simulations.launch import (CONNECTION, PrivateSuperLink, exit_on_sigterm, federation_config,
-                                parse_overrides, processes_with_home, toml_overrides)
+from simulations.launch import (CONNECTION, RUN_STARTED, PrivateSuperLink, exit_on_sigterm,
+                                federation_config, judge, parse_overrides, processes_with_home,
+                                run_status, toml_overrides)
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +170,13 @@ EVENTS = {"discovered": re.compile(r"discovered (\d+) of \1 nodes"),  # the last
 
 def timed_run(link: PrivateSuperLink, run_config: Mapping[str, Any],
               fed_config: Mapping[str, Any], log_path: Path, timeout: float) -> dict[str, Any]:
-    """``flwr run . --stream``, its log saved and timed; returns exit code and event times."""
+    """``flwr run . --stream``, its log saved and timed; returns exit code, event times, and the
+    run's status as Flower records it (``flwr run --stream`` exits 0 when the ServerApp fails)."""
     command = ["flwr", "run", str(link.app_dir), CONNECTION, "--stream",
                *toml_overrides(run_config)]
     for key, value in fed_config.items():
         command += ["--federation-config", f"{key}={json.dumps(value)}"]
-    times: dict[str, Any] = {"round-ends": []}
+    times: dict[str, Any] = {"round-ends": [], "run-id": None}
     start = time.perf_counter()
     with open(log_path, "w") as out:
         process = subprocess.Popen(command, cwd=link.app_dir, env=link.env, text=True,
@@ -188,6 +190,9 @@ def timed_run(link: PrivateSuperLink, run_config: Mapping[str, Any],
                 now = time.perf_counter() - start
                 if "discovery-s" not in times and EVENTS["discovered"].search(line):
                     times["discovery-s"] = now
+                started = times["run-id"] is None and RUN_STARTED.search(line)
+                if started:
+                    times["run-id"] = int(started.group(1))
                 if EVENTS["round"].search(line):
                     times["round-ends"].append(now)
                     log.info("  %s", line.strip()[:120])
@@ -197,7 +202,8 @@ def timed_run(link: PrivateSuperLink, run_config: Mapping[str, Any],
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    times.update({"exit-code": code, "run-s": time.perf_counter() - start})
+    times.update({"exit-code": code, "run-s": time.perf_counter() - start,
+                  "status": run_status(link.env, times["run-id"])})
     return times
 
 
@@ -214,12 +220,18 @@ def measure(clients: int, per_round: int, rounds: int, scratch: Path,
         times = timed_run(link, run_config, federation_config(clients), scratch / f"{name}.log",
                           timeout)
     total = time.perf_counter() - start
-    rounds_table = RunStore(scratch / "results" / name).read("rounds") if times[
-        "exit-code"] == 0 else pd.DataFrame({"seconds": []})
+    # Judged as the launcher judges a run: exit code, Flower's run status and the last checkpoint.
+    failed = judge(times["exit-code"], run_config, times["status"]) != 0
+    rounds_table = pd.DataFrame({"seconds": []}) if failed else RunStore(
+        scratch / "results" / name).read("rounds")
     ends = times["round-ends"]
-    return {"clients": clients, "per-round": per_round, "rounds": rounds,
+    return {"clients": clients, "per-round": per_round, "rounds": rounds, "failed": failed,
+            "status": times["status"] or "unknown",
             "exit-code": times["exit-code"], "total-s": total, "run-s": times["run-s"],
             "discovery-s": times.get("discovery-s"),
+            # Discovery is one query message per node through Flower's engine: its cost per node
+            "discovery-ms-per-node": (1000 * times["discovery-s"] / clients
+                                      if times.get("discovery-s") else None),
             "first-round-end-s": ends[0] if ends else None,
             "round-s": float(rounds_table["seconds"].mean()) if len(rounds_table) else None,
             "peak-pss-sum-mib": monitor.peak["pss-sum"] / MIB,
@@ -245,7 +257,7 @@ def target_line(table: pd.DataFrame) -> str:
         return (f"Target ({TARGET['clients']} clients, {TARGET['per-round']} a round, "
                 f"<= {TARGET['peak-gib']} GiB): not measured.")
     peak = rows["peak-pss-sum-mib"].max() / 1024
-    verdict = "met" if peak <= TARGET["peak-gib"] and (rows["exit-code"] == 0).all() else "NOT met"
+    verdict = "met" if peak <= TARGET["peak-gib"] and not rows["failed"].any() else "NOT met"
     return (f"Target ({TARGET['clients']} clients, {TARGET['per-round']} a round, "
             f"<= {TARGET['peak-gib']} GiB peak): {verdict}, peak PSS sum {peak:.2f} GiB.")
 
@@ -258,7 +270,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for per_round, rows in table.sort_values("clients").groupby("per-round"):
+    done = table[~table["failed"]] if "failed" in table else table  # a failed run is no result
+    for per_round, rows in done.sort_values("clients").groupby("per-round"):
         left.plot(rows["clients"], rows["run-s"], "o-", label=f"flwr run, {per_round}/round")
         left.plot(rows["clients"], rows["discovery-s"], "s--", label=f"to discovery, {per_round}/round")
         left.plot(rows["clients"], rows["round-s"], "^:", label=f"per round, {per_round}/round")
@@ -272,7 +285,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("clients (SuperNodes)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label when every run failed
+            ax.legend(fontsize=7)
     left.set_title("Wall time")
     right.set_title("Peak memory of all processes under FLWR_HOME")
     fig.tight_layout()
@@ -286,6 +300,10 @@ def write_report(table: pd.DataFrame, out: Path, rounds: int) -> None:
     table.to_csv(out / "scaling.csv", index=False)
     plot(table, out / "scaling.png")
     numbers = table.drop(columns=["peak-pss-mib-by-process", "cpu-s-by-process"])
+    failed = "".join(
+        f"- {r['clients']} clients, {r['per-round']} a round: the run FAILED (Flower's run status "
+        f"{r['status']}, flwr run exit code {r['exit-code']}); its times and memory are those of a "
+        f"failed run, not a result.\n" for _, r in table[table["failed"]].iterrows())
     details = "\n".join(
         f"- {r['clients']} clients, {r['per-round']} a round: peak PSS (MiB) "
         f"{r['peak-pss-mib-by-process']}; CPU seconds {r['cpu-s-by-process']}"
@@ -294,11 +312,13 @@ def write_report(table: pd.DataFrame, out: Path, rounds: int) -> None:
         f"# Scaling with the number of clients\n\n"
         f"Default experiment (Fashion-MNIST, CNN), {rounds} rounds, 1 CPU per client, through "
         f"`flwr run .` on a private SuperLink. {machine()}.\n\n"
-        f"Times are seconds since `flwr run` started (discovery-s: node discovery done) and the "
+        f"Times are seconds since `flwr run` started (discovery-s: node discovery done; "
+        f"discovery-ms-per-node: that time over the nodes, each node's query being one ClientApp "
+        f"call through Flower's simulation engine, asked 256 at a time) and the "
         f"mean training round (round-s, without evaluation). Memory: peaks over 0.5 s samples of "
         f"every process under the run's FLWR_HOME; PSS sum is what the machine holds, RSS sum "
         f"counts shared pages once per process.\n\n"
-        f"{numbers.to_markdown(index=False, floatfmt='.1f')}\n\n{target_line(table)}\n\n"
+        f"{numbers.to_markdown(index=False, floatfmt='.1f')}\n\n{failed}{target_line(table)}\n\n"
         f"Where the memory and CPU went:\n\n{details}\n\n"
         f"![time and memory vs clients](scaling.png)\n")
 
@@ -330,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             write_report(pd.DataFrame(rows), args.out, args.rounds)
         if args.keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    return 0 if all(r["exit-code"] == 0 for r in rows) else 1
+    return 0 if not any(r["failed"] for r in rows) else 1
 
 
 if __name__ == "__main__":

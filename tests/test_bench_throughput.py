@@ -24,6 +24,7 @@ def test_run_counts_every_training_and_evaluation_example(tmp_path) -> None:
     # levels: fractions 0.5, 1.0 and tiers 0.25, 1.0; rounds 0 and 1 on 100 images, the final on all
     assert counts["eval-examples"] == 4 * (100 + 100 + 360)
     assert counts["training-cpu-seconds"] > 0 and counts["evaluation-seconds"] > 0
+    assert counts["client-train-seconds"] == clients["train-seconds"].sum() > 0
 
 
 def test_take_stops_at_the_asked_number_of_examples_across_passes() -> None:
@@ -47,9 +48,14 @@ def test_summary_names_failed_runs_and_judges_the_others() -> None:
     timed = {"device": "cpu", "precision": "fp32", "failed": False, "training-seconds": 2.0,
              "evaluation-seconds": 1.0, "plain-training-seconds": 6.0,
              "plain-evaluation-seconds": 4.0, "training-ratio": 1 / 3, "evaluation-ratio": 0.25,
+             "training-cpu-ratio": 0.4, "client-training-ratio": 0.2,
              "ratio": 0.3, "cpu-ratio": 0.3, "clients-per-second": 5.0}
     frame = pd.DataFrame([{**timed, "repeat": 0},
                           {"repeat": 0, "precision": "bf16", "device": "cpu", "failed": True}])
     text = summary(frame)
     assert "cpu fp32: (training + evaluation) / plain loop = 0.300" in text and ": met." in text
     assert "cpu bf16, repeat 0: the run FAILED" in text
+    assert "training = 0.333 wall, 0.400 CPU" in text and "alone 0.200" in text
+    assert "target <= 0.6 (on the training phase): met." in text
+    slow = pd.DataFrame([{**timed, "repeat": 0, "training-ratio": 0.61}])
+    assert "(on the training phase): NOT met." in summary(slow)

@@ -30,3 +30,12 @@ def test_torch_comes_from_the_default_index_unless_told() -> None:
 def test_make_run_takes_the_run_name_to_resume() -> None:
     out = _dry_run("run", "RUN_NAME=default-20260101-000000", "RUN_CONFIG=resume=true")
     assert "-c run-name=default-20260101-000000" in out and "-c resume=true" in out
+
+
+def test_make_bench_runs_the_comparison_cost_beside_a_base_checkout_when_told() -> None:
+    out = " ".join(_dry_run("bench").split())
+    assert "-m simulations.bench_comparison --out results/bench ||" in out
+    assert "--threads" not in out
+    told = " ".join(_dry_run("bench", "BENCH_BASE=/tmp/base", "BENCH_THREADS=1").split())
+    assert "-m simulations.bench_comparison --out results/bench --base /tmp/base" in told
+    assert "-m simulations.bench_throughput --out results/bench --threads 1" in told

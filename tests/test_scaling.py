@@ -10,7 +10,8 @@ import time
 import pandas as pd
 import pytest
 
-from simulations.scaling import MemoryMonitor, parse_configs, process_memory, target_line
+from simulations.scaling import (MemoryMonitor, measure, parse_configs, process_memory,
+                                 target_line, write_report)
 
 
 def test_parse_configs() -> None:
@@ -44,8 +45,22 @@ def test_monitor_sees_only_processes_under_its_home(tmp_path) -> None:
 
 
 def test_target_verdict() -> None:
-    row = {"clients": 1000, "per-round": 100, "exit-code": 0}
+    row = {"clients": 1000, "per-round": 100, "exit-code": 0, "failed": False}
     assert "met, peak" in target_line(pd.DataFrame([{**row, "peak-pss-sum-mib": 3000}]))
     assert "NOT met" in target_line(pd.DataFrame([{**row, "peak-pss-sum-mib": 5000}]))
+    # flwr run --stream exits 0 when the ServerApp fails: a failed run never meets the target
+    assert "NOT met" in target_line(pd.DataFrame([{**row, "failed": True, "peak-pss-sum-mib": 3000}]))
     assert "not measured" in target_line(pd.DataFrame([{**row, "clients": 100,
                                                          "peak-pss-sum-mib": 1}]))
+
+
+def test_a_run_whose_serverapp_fails_is_recorded_as_failed_though_flwr_exits_0(tmp_path) -> None:
+    """A forced failure through the real ``flwr run``: at lr 1e9 every reply is NaN, the server
+    refuses them all and min-reply-share stops the run; ``flwr run --stream`` still exits 0."""
+    extra = {"dataset": "digits", "lr": 1e9, "eval-samples": 0, "device-mix": "1.0:1.0"}
+    row = measure(4, 3, 2, tmp_path, extra, timeout=600)
+    assert row["exit-code"] == 0 and row["status"] != "finished:completed"
+    assert row["failed"] and row["round-s"] is None
+    table = pd.DataFrame([row])
+    write_report(table, tmp_path / "out", 2)
+    assert "the run FAILED" in (tmp_path / "out" / "scaling.md").read_text()
