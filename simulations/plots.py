@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 from fl_maestro.results import RunStore  # noqa: E402
 from fl_maestro.shrinking import importance_from_arrays  # noqa: E402
@@ -97,49 +97,83 @@ def plot_accuracy_vs_fraction(finals: pd.DataFrame, legend: str, colors: dict) -
         _line(ax, stats["level"], stats, colors[group], group)
     ax.set(xlabel="rank fraction of every low-rank layer", ylabel=final_label(finals),
            xlim=(0, 1.05))
+    _percent_axis(ax)
     _finish(fig, [ax], "Accuracy of the final global model at each rank fraction", legend,
             finals)
     return fig
 
 
+def data_limits(stats: pd.DataFrame, pad: float = 0.15, least: float = 0.02
+                ) -> tuple[float, float]:
+    """Accuracy axis limits that fit ``stats``' means and intervals (not 0 to 1): the range of
+    mean - half-width to mean + half-width, padded by ``pad`` of it on each side and at least
+    ``least`` wide, clipped to [0, 1], so differences of a point or two stay visible."""
+    half = stats["ci-half"].fillna(0)
+    low, high = float((stats["mean"] - half).min()), float((stats["mean"] + half).max())
+    span = max(high - low, least)
+    middle = (low + high) / 2
+    low, high = middle - span / 2 * (1 + 2 * pad), middle + span / 2 * (1 + 2 * pad)
+    return max(low, 0.0), min(high, 1.0)
+
+
+def _percent_axis(ax) -> None:
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))
+
+
 def plot_tier_accuracy(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Grouped bars: final accuracy of each budget tier's sub-model, one bar colour per group."""
+    """Final accuracy of each budget tier's sub-model: one point with 95% whiskers per group and
+    tier, on an axis scaled to the data (so gaps of a point or two can be seen)."""
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    stats = summarise(finals[finals["kind"] == "tier"], ["group", "level"])
+    kind = "tier" if (finals["kind"] == "tier").any() else "fraction"
+    stats = summarise(finals[finals["kind"] == kind], ["group", "level"])
     tiers = sorted(stats["level"].unique())
     groups = list(dict.fromkeys(stats["group"]))
     width = 0.8 / len(groups)
     for i, group in enumerate(groups):
         mine = stats[stats["group"] == group].set_index("level").reindex(tiers)
         x = np.arange(len(tiers)) + (i - (len(groups) - 1) / 2) * width
-        bars = ax.bar(x, mine["mean"], width,
-                      yerr=mine["ci-half"] if (mine["n"] > 1).any() else None,
-                      color=colors[group], label=group, capsize=3)
-        if len(groups) <= 4:
-            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-    ax.set_xticks(np.arange(len(tiers)), [str(float(t)) for t in tiers])
-    ax.set(xlabel="device budget tier (fraction of the full model's cost)",
-           ylabel=final_label(finals), ylim=(0, 1))
-    _finish(fig, [ax], "Final accuracy of the sub-model each budget tier receives", legend,
-            finals)
+        ax.errorbar(x, mine["mean"], yerr=mine["ci-half"] if (mine["n"] > 1).any() else None,
+                    fmt="o", color=colors[group], label=group, markersize=6, capsize=3)
+    for edge in np.arange(len(tiers) - 1) + 0.5:
+        ax.axvline(edge, color="#ccc", linewidth=0.8)
+    name = "device budget tier (fraction of the dense model's cost)" if kind == "tier" else \
+        "rank fraction (the runs have no budget tiers)"
+    ax.set_xticks(np.arange(len(tiers)), [f"{float(t):g}" for t in tiers])
+    ax.set(xlabel=name, ylabel=final_label(finals), ylim=data_limits(stats),
+           xlim=(-0.5, len(tiers) - 0.5))
+    _percent_axis(ax)
+    _finish(fig, [ax], "Final accuracy of the sub-model each budget tier receives "
+            "(axis zoomed to the data)", legend, finals)
     return fig
 
 
 def plot_pareto(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Accuracy against inference MACs relative to the dense model (fractions and tiers)."""
-    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    """Accuracy against inference MACs relative to the dense model (fractions and tiers): the
+    whole curve (left) and zoomed on the budget tiers' points (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    tiers = summarise(finals[finals["kind"] == "tier"], ["group", "level"])
     for kind, style, marker in (("fraction", "-", "o"), ("tier", "none", "s")):
         stats = summarise(finals[finals["kind"] == kind], ["group", "level"])
         for group, mine in stats.groupby("group", sort=False):
-            _line(ax, mine["dense-relative-macs"], mine, colors[group],
-                  group if kind == "fraction" else None, style, marker)
-    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.text(1.0, 0.02, " dense model", transform=ax.get_xaxis_transform(), fontsize=8)
-    ax.plot([], [], "ko-", markersize=4, label="rank fraction (line)")
-    ax.plot([], [], "ks", markersize=4, label="budget tier (square)")
-    ax.set(xlabel="inference MACs per sample relative to the dense (undecomposed) model",
-           ylabel=final_label(finals))
-    _finish(fig, [ax], "Accuracy vs inference cost of the final global model", legend, finals)
+            for ax in axes:
+                _line(ax, mine["dense-relative-macs"], mine, colors[group],
+                      group if kind == "fraction" and ax is axes[0] else None, style, marker)
+    zoom = tiers if not tiers.empty else summarise(finals, ["group", "level"])
+    macs = zoom["dense-relative-macs"]
+    spread = max(float(macs.max() - macs.min()), 0.05)
+    axes[1].set(xlim=(macs.min() - 0.08 * spread, macs.max() + 0.08 * spread),
+                ylim=data_limits(zoom), title="zoomed on the budget tiers")
+    axes[0].set(ylim=data_limits(summarise(finals, ["group", "kind", "level"]), pad=0.05),
+                title="every rank fraction and tier")
+    for ax in axes:
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.text(1.0, 0.02, " dense model", transform=ax.get_xaxis_transform(), fontsize=8)
+        ax.set(xlabel="inference MACs per sample relative to the dense model")
+        _percent_axis(ax)
+    axes[0].plot([], [], "ko-", markersize=4, label="rank fraction (line)")
+    axes[0].plot([], [], "ks", markersize=4, label="budget tier (square)")
+    axes[0].set(ylabel=final_label(finals))
+    _finish(fig, axes, "Accuracy vs inference cost of the final global model", legend, finals)
     return fig
 
 
@@ -164,6 +198,7 @@ def plot_accuracy_over_time(wide: pd.DataFrame, legend: str, colors: dict) -> pl
     for level, style in zip(levels, ("-", "--")):
         axes[0].plot([], [], "k" + style, label=f"rank fraction {level:g}")
     axes[0].set(xlabel="round", ylabel="test accuracy of the global model")
+    _percent_axis(axes[0])
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set(xlabel=f"simulated device time ({unit}, the run's own clock)")
     _finish(fig, axes, "Accuracy of the global model over training, by round and by simulated "
