@@ -9,6 +9,7 @@ and the title says n.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from simulations.report import Run
 
 MB = 1e6
+log = logging.getLogger(__name__)
 
 
 def summarise(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -> pd.DataFrame:
@@ -239,7 +241,11 @@ def plot_importance(runs: Sequence[Run], legend: str, colors: dict) -> plt.Figur
         store = RunStore(run.path)
         if run.group in spectra or not store.has_checkpoint():
             continue
-        _, arrays, _ = store.load_checkpoint()
+        try:
+            _, arrays, _ = store.load_checkpoint()
+        except ValueError as err:  # e.g. a committed reference keeps its tables, not its arrays
+            log.warning("no importance spectrum for %s: %s", run.name, err)
+            continue
         spectra[run.group] = {name[:-2]: importance_from_arrays(arrays[name], arrays[v])
                               for name in sorted(arrays) if name.endswith(".U")
                               and (v := name[:-1] + "V") in arrays}
