@@ -25,7 +25,7 @@ PERCENT_PREFIXES = ("mean of last", "last ", "last round", "difference", "95% CI
 STYLE = """
 body{font-family:sans-serif;max-width:1380px;margin:auto;padding:0 10px;font-size:14px}
 h1{font-size:22px;margin:10px 0 4px}h2{font-size:17px;margin:18px 0 6px}
-p.lead{margin:2px 0 8px;color:#333}
+p.lead{margin:2px 0 6px;color:#333;font-size:12px}
 img{max-width:100%}
 .first{display:flex;gap:8px;align-items:flex-start}.first figure{margin:0;flex:1}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;
@@ -50,41 +50,79 @@ def _pm(mean: float, half: float, signed: bool = False) -> str:
     return text if math.isnan(half) else f"{text} ± {half * 100:.1f}"
 
 
-def summary_html(summary: pd.DataFrame, baseline: str | None) -> str:
-    """The first table: one row per group, one column per level, percent with 95% half-widths;
-    under each non-baseline value its paired difference from ``baseline`` (bold: separated)."""
-    kind, k = summary.attrs.get("kind", "tier"), summary.attrs.get("k", 1)
+def _summary_rows(summary: pd.DataFrame) -> tuple[list[float], list[tuple]]:
+    """The levels, and per group (name, seeds, [(value, difference, separated) or None per
+    level], converged) as text, from ``summary.summary_frame``."""
     levels = sorted(summary["level"].unique())
-    name = "budget" if kind == "tier" else "rank fraction"
-    head = "".join(f"<th>{name} {float(v):g}</th>" for v in levels)
     rows = []
     for group, mine in summary.groupby("group", sort=False):
         cells = mine.set_index("level")
-        tds = []
+        texts = []
         for level in levels:
             if level not in cells.index:
-                tds.append("<td>-</td>")
+                texts.append(None)
                 continue
             row = cells.loc[level]
-            text = _pm(row["mean"], row["ci-half"])
-            if not math.isnan(row["difference"]):
-                sep = bool(row["separated"])
-                label = "separated" if sep else "not separated"
-                text += (f"<span class='diff{' sep' if sep else ''}' title='{label}'>"
-                         f"Δ {_pm(row['difference'], row['difference ±95%'], signed=True)}"
-                         f"{' *' if sep else ''}</span>")
-            tds.append(f"<td>{text}</td>")
+            diff = None if math.isnan(row["difference"]) else \
+                _pm(row["difference"], row["difference ±95%"], signed=True)
+            texts.append((_pm(row["mean"], row["ci-half"]), diff, bool(row["separated"])
+                          if diff else False))
         n = mine["n"]
         seeds = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
-        rows.append(f"<tr><th style='text-align:left'>{html.escape(str(group))}</th>"
-                    f"<td>{seeds}</td>{''.join(tds)}<td>{mine['converged'].iloc[0]}</td></tr>")
-    legend = (f"Test accuracy in percent: mean of each run's last {k} evaluated rounds, then mean "
-              "± 95% t-interval over the n seeds.")
+        rows.append((str(group), seeds, texts, str(mine["converged"].iloc[0])))
+    return levels, rows
+
+
+def _legend(summary: pd.DataFrame, baseline: str | None) -> str:
+    legend = (f"Test accuracy in percent: mean of each run's last {summary.attrs.get('k', 1)} "
+              "evaluated rounds, then mean ± 95% t-interval over the n seeds.")
     if baseline is not None:
-        legend += (f" Δ: paired difference from {html.escape(baseline)} on the same seeds, in "
-                   "points; * and bold: separated (its 95% interval excludes 0).")
+        legend += (f" Δ: paired difference from {baseline} on the same seeds, in points; * and "
+                   "bold: separated (its 95% interval excludes 0).")
+    return legend
+
+
+def _level_name(summary: pd.DataFrame) -> str:
+    return "budget" if summary.attrs.get("kind", "tier") == "tier" else "rank fraction"
+
+
+def summary_html(summary: pd.DataFrame, baseline: str | None) -> str:
+    """The first table: one row per group, one column per level, percent with 95% half-widths;
+    under each non-baseline value its paired difference from ``baseline`` (bold: separated)."""
+    levels, rows = _summary_rows(summary)
+    head = "".join(f"<th>{_level_name(summary)} {float(v):g}</th>" for v in levels)
+    body = []
+    for group, seeds, texts, converged in rows:
+        tds = []
+        for cell in texts:
+            if cell is None:
+                tds.append("<td>-</td>")
+                continue
+            value, diff, sep = cell
+            if diff is not None:
+                label = "separated" if sep else "not separated"
+                value += (f"<span class='diff{' sep' if sep else ''}' title='{label}'>"
+                          f"Δ {diff}{' *' if sep else ''}</span>")
+            tds.append(f"<td>{value}</td>")
+        body.append(f"<tr><th style='text-align:left'>{html.escape(group)}</th>"
+                    f"<td>{seeds}</td>{''.join(tds)}<td>{converged}</td></tr>")
     return (f"<table class='summary'><tr><th>group</th><th>n</th>{head}<th>converged</th></tr>"
-            f"{''.join(rows)}</table><p class='lead'>{legend}</p>")
+            f"{''.join(body)}</table><p class='lead'>{html.escape(_legend(summary, baseline))}"
+            "</p>")
+
+
+def summary_markdown(summary: pd.DataFrame, baseline: str | None) -> str:
+    """The first table as Markdown (for a README): the same cells, the difference after a
+    semicolon, separated ones starred."""
+    levels, rows = _summary_rows(summary)
+    lines = ["| group | n | " + " | ".join(f"{_level_name(summary)} {float(v):g}"
+                                           for v in levels) + " | converged |",
+             "| --- " * (len(levels) + 3) + "|"]
+    for group, seeds, texts, converged in rows:
+        cells = ["-" if c is None else c[0] + (f"; Δ {c[1]}{' *' if c[2] else ''}" if c[1]
+                                               else "") for c in texts]
+        lines.append(f"| {group} | {seeds} | " + " | ".join(cells) + f" | {converged} |")
+    return "\n".join(lines) + "\n\n" + _legend(summary, baseline) + "\n"
 
 
 def _table_html(table: pd.DataFrame) -> str:

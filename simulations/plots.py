@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from simulations.report import Run
 
 MB = 1e6
+ZOOM_WINDOW = 0.10  # a zoomed accuracy axis shows the methods within 10 points of the best
 log = logging.getLogger(__name__)
 
 
@@ -118,6 +119,28 @@ def data_limits(stats: pd.DataFrame, pad: float = 0.15, least: float = 0.02
     return max(low, 0.0), min(high, 1.0)
 
 
+def leading(stats: pd.DataFrame, window: float = ZOOM_WINDOW) -> pd.Series:
+    """Which rows of ``stats`` (group x level) sit within ``window`` of the best mean at their
+    level: the cluster a zoomed axis shows (a method far behind would flatten the others)."""
+    best = stats.groupby("level")["mean"].transform("max")
+    return stats["mean"] >= best - window
+
+
+def _zoomed_points(ax, x, stats: pd.DataFrame, low: float, color, label: str | None,
+                   marker: str = "o") -> None:
+    """Means with 95% whiskers on a zoomed axis; a mean under its floor ``low`` becomes a
+    triangle on the floor labelled with its value, so nothing is silently cut off."""
+    x = np.asarray(x, dtype=float)
+    inside = (stats["mean"] >= low).to_numpy()
+    spread = (stats["n"] > 1).any()
+    ax.errorbar(x[inside], stats["mean"][inside], label=label, fmt=marker, color=color,
+                yerr=stats["ci-half"][inside] if spread else None, markersize=6, capsize=3)
+    for xi, mean in zip(x[~inside], stats["mean"][~inside]):
+        ax.plot([xi], [low], marker="v", color=color, markersize=8, clip_on=False)
+        ax.annotate(f"{mean:.1%}", (xi, low), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=7, color=color)
+
+
 def _percent_axis(ax) -> None:
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))
 
@@ -125,51 +148,54 @@ def _percent_axis(ax) -> None:
 def plot_tier_accuracy(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
     """Final accuracy of each budget tier's sub-model: one point with 95% whiskers per group and
     tier, on an axis scaled to the data (so gaps of a point or two can be seen)."""
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8, 4.4), layout="constrained")
     kind = "tier" if (finals["kind"] == "tier").any() else "fraction"
     stats = summarise(finals[finals["kind"] == kind], ["group", "level"])
     tiers = sorted(stats["level"].unique())
     groups = list(dict.fromkeys(stats["group"]))
     width = 0.8 / len(groups)
+    low, high = data_limits(stats[leading(stats)])
     for i, group in enumerate(groups):
         mine = stats[stats["group"] == group].set_index("level").reindex(tiers)
         x = np.arange(len(tiers)) + (i - (len(groups) - 1) / 2) * width
-        ax.errorbar(x, mine["mean"], yerr=mine["ci-half"] if (mine["n"] > 1).any() else None,
-                    fmt="o", color=colors[group], label=group, markersize=6, capsize=3)
+        _zoomed_points(ax, x, mine, low, colors[group], group)
     for edge in np.arange(len(tiers) - 1) + 0.5:
         ax.axvline(edge, color="#ccc", linewidth=0.8)
     name = "device budget tier (fraction of the dense model's cost)" if kind == "tier" else \
         "rank fraction (the runs have no budget tiers)"
     ax.set_xticks(np.arange(len(tiers)), [f"{float(t):g}" for t in tiers])
-    ax.set(xlabel=name, ylabel=final_label(finals), ylim=data_limits(stats),
+    ax.set(xlabel=name, ylabel=final_label(finals), ylim=(low, high),
            xlim=(-0.5, len(tiers) - 0.5))
     _percent_axis(ax)
-    _finish(fig, [ax], "Final accuracy of the sub-model each budget tier receives "
-            "(axis zoomed to the data)", legend, finals)
+    _finish(fig, [ax], "Final accuracy of each budget tier's sub-model\n(axis zoomed on the "
+            f"methods within {ZOOM_WINDOW:.0%} of the best; ▼: below the axis)", legend, finals)
     return fig
 
 
 def plot_pareto(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Accuracy against inference MACs relative to the dense model (fractions and tiers): the
-    whole curve (left) and zoomed on the budget tiers' points (right)."""
+    """Accuracy against inference MACs relative to the dense model: every rank fraction and tier
+    (left), and the budget tiers alone on an axis zoomed on the leading methods (right)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
-    tiers = summarise(finals[finals["kind"] == "tier"], ["group", "level"])
     for kind, style, marker in (("fraction", "-", "o"), ("tier", "none", "s")):
         stats = summarise(finals[finals["kind"] == kind], ["group", "level"])
         for group, mine in stats.groupby("group", sort=False):
-            for ax in axes:
-                _line(ax, mine["dense-relative-macs"], mine, colors[group],
-                      group if kind == "fraction" and ax is axes[0] else None, style, marker)
-    zoom = tiers if not tiers.empty else summarise(finals, ["group", "level"])
+            _line(axes[0], mine["dense-relative-macs"], mine, colors[group],
+                  group if kind == "fraction" else None, style, marker)
+    kind = "tier" if (finals["kind"] == "tier").any() else "fraction"
+    zoom = summarise(finals[finals["kind"] == kind], ["group", "level"])
+    low, high = data_limits(zoom[leading(zoom)])
+    for group, mine in zoom.groupby("group", sort=False):
+        _zoomed_points(axes[1], mine["dense-relative-macs"], mine, low, colors[group], None,
+                       "s" if kind == "tier" else "o")
     macs = zoom["dense-relative-macs"]
     spread = max(float(macs.max() - macs.min()), 0.05)
-    axes[1].set(xlim=(macs.min() - 0.08 * spread, macs.max() + 0.08 * spread),
-                ylim=data_limits(zoom), title="zoomed on the budget tiers")
+    axes[1].set(xlim=(macs.min() - 0.08 * spread, macs.max() + 0.08 * spread), ylim=(low, high),
+                title=f"{kind}s only, zoomed\n(within {ZOOM_WINDOW:.0%} of the best; ▼: below)")
     axes[0].set(ylim=data_limits(summarise(finals, ["group", "kind", "level"]), pad=0.05),
                 title="every rank fraction and tier")
     for ax in axes:
         ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-        ax.text(1.0, 0.02, " dense model", transform=ax.get_xaxis_transform(), fontsize=8)
+        ax.text(1.0, 0.02, " dense", transform=ax.get_xaxis_transform(), fontsize=8)
         ax.set(xlabel="inference MACs per sample relative to the dense model")
         _percent_axis(ax)
     axes[0].plot([], [], "ko-", markersize=4, label="rank fraction (line)")
@@ -237,18 +263,22 @@ def plot_communication(runs: Sequence[Run], legend: str, colors: dict) -> plt.Fi
 def plot_importance(runs: Sequence[Run], legend: str, colors: dict) -> plt.Figure | None:
     """Component importance of each low-rank layer at the last checkpoint (a group's first seed)."""
     spectra: dict[str, dict[str, np.ndarray]] = {}
+    missing: list[str] = []
     for run in sorted(runs, key=lambda r: r.seed):
         store = RunStore(run.path)
         if run.group in spectra or not store.has_checkpoint():
             continue
         try:
             _, arrays, _ = store.load_checkpoint()
-        except ValueError as err:  # e.g. a committed reference keeps its tables, not its arrays
-            log.warning("no importance spectrum for %s: %s", run.name, err)
+        except ValueError:  # e.g. a committed reference keeps its tables, not its arrays
+            missing.append(run.name)
             continue
         spectra[run.group] = {name[:-2]: importance_from_arrays(arrays[name], arrays[v])
                               for name in sorted(arrays) if name.endswith(".U")
                               and (v := name[:-1] + "V") in arrays}
+    if missing:
+        log.warning("no importance spectrum from %d runs whose checkpoint arrays cannot be read "
+                    "(e.g. %s)", len(missing), missing[0])
     layers = sorted({layer for s in spectra.values() for layer in s})
     if not layers:
         return None

@@ -39,7 +39,7 @@ from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accur
                                plot_communication, plot_importance, plot_pareto,
                                plot_tier_accuracy, save_figure)
 from simulations.stats import LAST_K, SLOPE_THRESHOLD
-from simulations.page import summary_html, write_html
+from simulations.page import summary_html, summary_markdown, write_html
 from simulations.summary import (NOTES, default_baseline, final_frame, final_table,
                                  group_differences, run_convergence, summary_frame,
                                  tier_differences)
@@ -251,6 +251,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
     base = (baseline or default_baseline(finals)) if finals["group"].nunique() > 1 else None
     summary = summary_frame(finals, converged, base)
     summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(summary, base))
     page = write_html(out, "fl-maestro report", _lead(paths, runs, legend),
                       [summary_html(summary, base), *images[:2]],
                       _folded(tables, images[2:], _notes(legend, last_k, slope_threshold, runs)))

@@ -61,9 +61,22 @@ def rendered_geometry(page: Path, profile: Path) -> dict:
     return json.loads(found.group(1).replace("&quot;", '"'))
 
 
+def eight_methods(tmp_path: Path) -> Path:
+    """The tiny reference's runs twice over, as eight methods: the reference comparison's size."""
+    sweep = tmp_path / "sweep"
+    for run in sorted(p for p in TINY.iterdir() if (p / "config.json").exists()):
+        for suffix in ("", "-b"):
+            copy = sweep / (run.name + suffix)
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns("*.safetensors", "lock*"))
+            cell = json.loads((copy / "cell.json").read_text())
+            cell["axes"]["method"] += suffix
+            (copy / "cell.json").write_text(json.dumps(cell))
+    return sweep
+
+
 @pytest.mark.skipif(not (TINY / "cells.csv").exists(), reason="no committed tiny reference")
 def test_summary_and_first_plot_are_above_the_fold(tmp_path: Path) -> None:
-    page = build_report([TINY], tmp_path / "report")
+    page = build_report([eight_methods(tmp_path)], tmp_path / "report")
     geometry = rendered_geometry(page, tmp_path / "profile")
     fold = geometry["fold"]
     assert geometry["width"] == WIDTH and 0 < fold <= HEIGHT
@@ -72,3 +85,15 @@ def test_summary_and_first_plot_are_above_the_fold(tmp_path: Path) -> None:
     assert geometry["plotDecoded"] and plot["bottom"] - plot["top"] > 250  # a real, legible plot
     assert summary["bottom"] <= plot["top"] and plot["bottom"] <= fold  # below it, all of it
     assert geometry["details"] >= 5 and geometry["openDetails"] == 0  # the rest is folded
+
+
+@pytest.mark.skipif(not (TINY / "cells.csv").exists(), reason="no committed tiny reference")
+def test_the_fold_check_sees_a_plot_pushed_down_by_a_long_table(tmp_path: Path) -> None:
+    # the layout the report had: a long per-group table before the first plot
+    page = build_report([TINY], tmp_path / "report")
+    text = page.read_text()
+    rows = "".join(f"<tr><td>group {i}</td><td>{i}</td></tr>" for i in range(40))
+    at = text.index("<div class='first'>")
+    page.write_text(f"{text[:at]}<table>{rows}</table>{text[at:]}")
+    geometry = rendered_geometry(page, tmp_path / "profile")
+    assert geometry["plot"]["top"] > geometry["fold"]

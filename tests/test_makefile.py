@@ -30,3 +30,9 @@ def test_torch_comes_from_the_default_index_unless_told() -> None:
 def test_make_run_takes_the_run_name_to_resume() -> None:
     out = _dry_run("run", "RUN_NAME=default-20260101-000000", "RUN_CONFIG=resume=true")
     assert "-c run-name=default-20260101-000000" in out and "-c resume=true" in out
+
+
+def test_make_test_installs_chromium_for_the_browser_test_before_pytest() -> None:
+    out = _dry_run("test")
+    assert "command -v chromium" in out and "apt-get install -y -qq chromium" in out
+    assert out.index("install -y -qq chromium") < out.index("-m pytest")

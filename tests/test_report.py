@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from fl_maestro.results import RunStore
-from simulations.page import percent, summary_html
+from simulations.page import percent, summary_html, summary_markdown
 from simulations.plots import data_limits, plot_tier_accuracy
 from simulations.report import build_report, find_runs, group_runs, load_run, main, time_at_rounds
 from simulations.summary import summary_frame
@@ -245,6 +245,10 @@ def test_a_separated_difference_is_marked_bold() -> None:
     html = summary_html(summary, "a")
     assert "<span class='diff sep' title='separated'>Δ +5.0 ± 2.5 *</span>" in html
     assert "81.0 ± 2.5" in html  # group a: 0.80..0.82, same spread
+    markdown = summary_markdown(summary, "a").splitlines()
+    assert markdown[:4] == ["| group | n | budget 1 | converged |", "| --- | --- | --- | --- |",
+                            "| a | 3 | 81.0 ± 2.5 | 3/3 |",
+                            "| b | 3 | 86.0 ± 2.5; Δ +5.0 ± 2.5 * | 2/3 |"]
 
 
 def test_accuracy_axes_are_scaled_to_the_data() -> None:
