@@ -1,4 +1,4 @@
-"""Experiments from Python (a notebook): run one in this process, load finished runs, write a report.
+"""Experiments from Python (a notebook): run one in process, load finished runs, write a report.
 
     from simulations.api import load, run_experiment, write_report
     result = run_experiment({"dataset": "digits", "num-rounds": 3}, nodes=6, seeds=(0, 1))
@@ -95,8 +95,8 @@ def run_experiment(config: Mapping[str, Any] | None = None, nodes: int = 10,
 
 def write_report(results: Results | str | Path | Sequence[str | Path], out: str | Path,
                  **options: Any) -> Path:
-    """Write ``report.html`` (plots, CSV tables) for ``Results`` or run/sweep folders under
-    ``out``; ``options`` are ``build_report``'s (``last_k``, ``baseline``, ...). Returns the page."""
+    """Write ``report.html`` (plots, CSV tables) under ``out`` for ``Results`` or run or sweep
+    folders; ``options`` go to ``build_report`` (``last_k``, ``baseline``, ...). The page's path."""
     if isinstance(results, Results):
         paths = results.paths
     elif isinstance(results, (str, Path)):

@@ -263,3 +263,16 @@ def test_accuracy_axes_are_scaled_to_the_data() -> None:
     assert fig.axes[0].get_ylim() == pytest.approx((0.797, 0.823))  # not 0..1
     assert percent(pd.DataFrame({"last round": [0.5], "moved last": [0.2], "n": [2]})) \
         .iloc[0].tolist() == [50, 0.2, 2]
+
+
+def test_a_single_runs_report_starts_with_its_tiers(sweep: Path, tmp_path: Path) -> None:
+    run = sweep / "device-mix=mix-a__seed=1"
+    page = build_report([run], tmp_path / "one", last_k=1).read_text()
+    start = page.index("<table class='summary'>")
+    assert start < page.index("<img") < page.index("<details>")
+    parser = _Cells()
+    parser.feed(page[start:page.index("</table>", start)])
+    # seed 1 of mix-a: tier 0.5 at 0.70, tier 1.0 at 0.8375; one run: no interval, no Δ
+    assert parser.rows == [["group", "n", "budget 0.5", "budget 1", "converged"],
+                           ["device-mix=mix-a__seed=1", "1", "70.0", "83.8", "0/1"]]
+    assert "Δ" not in page[start:page.index("<img")]
