@@ -16,7 +16,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: run test bench venv data clean
+.PHONY: run test bench venv data browser tiny-reference clean
 
 venv: $(STAMP)
 
@@ -49,7 +49,17 @@ run: venv data
 	$(PY) -m simulations.launch --supernodes 100 -c run-name=$(RUN_NAME) \
 	  $(foreach kv,$(RUN_CONFIG),-c $(kv))
 
-test: venv data
+# The report's layout test renders a page in headless Chromium (Debian's chromium): installed here
+# when missing and run as root; otherwise that one test is skipped and says why.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      || echo "apt-get could not install chromium: tests/test_browser.py will be skipped"; \
+	  else echo "No chromium and not root: tests/test_browser.py will be skipped"; fi; \
+	fi
+
+test: venv data browser
 	$(PY) -m pytest -q
 
 # Speed targets live here, not in the tests; outputs are saved under results/bench/.
@@ -65,6 +75,15 @@ bench: venv data
 	$(PY) -m simulations.bench_comparison --out results/bench $(if $(BENCH_BASE),--base $(BENCH_BASE)) || status=1; \
 	$(PY) -m simulations.bench_federation --out results/bench || status=1; \
 	exit $$status
+
+# The small committed reference (results/reference/tiny: four methods x 3 seeds, 5 rounds, about
+# 5 CPU-minutes in process). Re-make it when a change is meant to move its numbers;
+# tests/test_reference.py checks that one of its cells re-runs to the committed numbers.
+tiny-reference: venv data
+	rm -rf results/reference/tiny/sweep
+	OMP_NUM_THREADS=1 $(PY) -m simulations.sweep tiny --runner inprocess --out results/reference/tiny/sweep
+	$(PY) -m simulations.report results/reference/tiny/sweep --out results/reference/tiny --baseline rankwise
+	@echo "now copy results/reference/tiny/summary.md into results/reference/tiny/README.md with the commit"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

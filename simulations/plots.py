@@ -9,6 +9,7 @@ and the title says n.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 from fl_maestro.results import RunStore  # noqa: E402
 from fl_maestro.shrinking import importance_from_arrays  # noqa: E402
@@ -26,6 +27,8 @@ from simulations.runs import Run  # noqa: E402
 from simulations.stats import interval_frame  # noqa: E402
 
 MB = 1e6
+ZOOM_WINDOW = 0.10  # a zoomed accuracy axis shows the methods within 10 points of the best
+log = logging.getLogger(__name__)
 
 
 def summarise(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -> pd.DataFrame:
@@ -94,49 +97,108 @@ def plot_accuracy_vs_fraction(finals: pd.DataFrame, legend: str, colors: dict) -
         _line(ax, stats["level"], stats, colors[group], group)
     ax.set(xlabel="rank fraction of every low-rank layer", ylabel=final_label(finals),
            xlim=(0, 1.05))
+    _percent_axis(ax)
     _finish(fig, [ax], "Accuracy of the final global model at each rank fraction", legend,
             finals)
     return fig
 
 
+def data_limits(stats: pd.DataFrame, pad: float = 0.15, least: float = 0.02
+                ) -> tuple[float, float]:
+    """Accuracy axis limits that fit ``stats``' means and intervals (not 0 to 1): the range of
+    mean - half-width to mean + half-width, padded by ``pad`` of it on each side and at least
+    ``least`` wide, clipped to [0, 1], so differences of a point or two stay visible."""
+    half = stats["ci-half"].fillna(0)
+    low, high = float((stats["mean"] - half).min()), float((stats["mean"] + half).max())
+    span = max(high - low, least)
+    middle = (low + high) / 2
+    low, high = middle - span / 2 * (1 + 2 * pad), middle + span / 2 * (1 + 2 * pad)
+    return max(low, 0.0), min(high, 1.0)
+
+
+def leading(stats: pd.DataFrame, window: float = ZOOM_WINDOW) -> pd.Series:
+    """Which rows of ``stats`` (group x level) sit within ``window`` of the best mean at their
+    level: the cluster a zoomed axis shows (a method far behind would flatten the others)."""
+    best = stats.groupby("level")["mean"].transform("max")
+    return stats["mean"] >= best - window
+
+
+def _zoomed_points(ax, x, stats: pd.DataFrame, low: float, color, label: str | None,
+                   marker: str = "o") -> None:
+    """Means with 95% whiskers on a zoomed axis; a mean under its floor ``low`` becomes a
+    triangle on the floor labelled with its value, so nothing is silently cut off."""
+    x = np.asarray(x, dtype=float)
+    inside = (stats["mean"] >= low).to_numpy()
+    spread = (stats["n"] > 1).any()
+    ax.errorbar(x[inside], stats["mean"][inside], label=label, fmt=marker, color=color,
+                yerr=stats["ci-half"][inside] if spread else None, markersize=6, capsize=3)
+    for xi, mean in zip(x[~inside], stats["mean"][~inside]):
+        ax.plot([xi], [low], marker="v", color=color, markersize=8, clip_on=False)
+        ax.annotate(f"{mean:.1%}", (xi, low), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=7, color=color)
+
+
+def _percent_axis(ax) -> None:
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))
+
+
 def plot_tier_accuracy(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Grouped bars: final accuracy of each budget tier's sub-model, one bar colour per group."""
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    stats = summarise(finals[finals["kind"] == "tier"], ["group", "level"])
+    """Final accuracy of each budget tier's sub-model: one point with 95% whiskers per group and
+    tier, on an axis scaled to the data (so gaps of a point or two can be seen)."""
+    fig, ax = plt.subplots(figsize=(8, 4.4), layout="constrained")
+    kind = "tier" if (finals["kind"] == "tier").any() else "fraction"
+    stats = summarise(finals[finals["kind"] == kind], ["group", "level"])
     tiers = sorted(stats["level"].unique())
     groups = list(dict.fromkeys(stats["group"]))
     width = 0.8 / len(groups)
+    low, high = data_limits(stats[leading(stats)])
     for i, group in enumerate(groups):
         mine = stats[stats["group"] == group].set_index("level").reindex(tiers)
         x = np.arange(len(tiers)) + (i - (len(groups) - 1) / 2) * width
-        bars = ax.bar(x, mine["mean"], width,
-                      yerr=mine["ci-half"] if (mine["n"] > 1).any() else None,
-                      color=colors[group], label=group, capsize=3)
-        if len(groups) <= 4:
-            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-    ax.set_xticks(np.arange(len(tiers)), [str(float(t)) for t in tiers])
-    ax.set(xlabel="device budget tier (fraction of the full model's cost)",
-           ylabel=final_label(finals), ylim=(0, 1))
-    _finish(fig, [ax], "Final accuracy of the sub-model each budget tier receives", legend,
-            finals)
+        _zoomed_points(ax, x, mine, low, colors[group], group)
+    for edge in np.arange(len(tiers) - 1) + 0.5:
+        ax.axvline(edge, color="#ccc", linewidth=0.8)
+    name = "device budget tier (fraction of the dense model's cost)" if kind == "tier" else \
+        "rank fraction (the runs have no budget tiers)"
+    ax.set_xticks(np.arange(len(tiers)), [f"{float(t):g}" for t in tiers])
+    ax.set(xlabel=name, ylabel=final_label(finals), ylim=(low, high),
+           xlim=(-0.5, len(tiers) - 0.5))
+    _percent_axis(ax)
+    _finish(fig, [ax], "Final accuracy of each budget tier's sub-model\n(axis zoomed on the "
+            f"methods within {ZOOM_WINDOW:.0%} of the best; ▼: below the axis)", legend, finals)
     return fig
 
 
 def plot_pareto(finals: pd.DataFrame, legend: str, colors: dict) -> plt.Figure:
-    """Accuracy against inference MACs relative to the dense model (fractions and tiers)."""
-    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    """Accuracy against inference MACs relative to the dense model: every rank fraction and tier
+    (left), and the budget tiers alone on an axis zoomed on the leading methods (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
     for kind, style, marker in (("fraction", "-", "o"), ("tier", "none", "s")):
         stats = summarise(finals[finals["kind"] == kind], ["group", "level"])
         for group, mine in stats.groupby("group", sort=False):
-            _line(ax, mine["dense-relative-macs"], mine, colors[group],
+            _line(axes[0], mine["dense-relative-macs"], mine, colors[group],
                   group if kind == "fraction" else None, style, marker)
-    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.text(1.0, 0.02, " dense model", transform=ax.get_xaxis_transform(), fontsize=8)
-    ax.plot([], [], "ko-", markersize=4, label="rank fraction (line)")
-    ax.plot([], [], "ks", markersize=4, label="budget tier (square)")
-    ax.set(xlabel="inference MACs per sample relative to the dense (undecomposed) model",
-           ylabel=final_label(finals))
-    _finish(fig, [ax], "Accuracy vs inference cost of the final global model", legend, finals)
+    kind = "tier" if (finals["kind"] == "tier").any() else "fraction"
+    zoom = summarise(finals[finals["kind"] == kind], ["group", "level"])
+    low, high = data_limits(zoom[leading(zoom)])
+    for group, mine in zoom.groupby("group", sort=False):
+        _zoomed_points(axes[1], mine["dense-relative-macs"], mine, low, colors[group], None,
+                       "s" if kind == "tier" else "o")
+    macs = zoom["dense-relative-macs"]
+    spread = max(float(macs.max() - macs.min()), 0.05)
+    axes[1].set(xlim=(macs.min() - 0.08 * spread, macs.max() + 0.08 * spread), ylim=(low, high),
+                title=f"{kind}s only, zoomed\n(within {ZOOM_WINDOW:.0%} of the best; ▼: below)")
+    axes[0].set(ylim=data_limits(summarise(finals, ["group", "kind", "level"]), pad=0.05),
+                title="every rank fraction and tier")
+    for ax in axes:
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.text(1.0, 0.02, " dense", transform=ax.get_xaxis_transform(), fontsize=8)
+        ax.set(xlabel="inference MACs per sample relative to the dense model")
+        _percent_axis(ax)
+    axes[0].plot([], [], "ko-", markersize=4, label="rank fraction (line)")
+    axes[0].plot([], [], "ks", markersize=4, label="budget tier (square)")
+    axes[0].set(ylabel=final_label(finals))
+    _finish(fig, axes, "Accuracy vs inference cost of the final global model", legend, finals)
     return fig
 
 
@@ -161,6 +223,7 @@ def plot_accuracy_over_time(wide: pd.DataFrame, legend: str, colors: dict) -> pl
     for level, style in zip(levels, ("-", "--")):
         axes[0].plot([], [], "k" + style, label=f"rank fraction {level:g}")
     axes[0].set(xlabel="round", ylabel="test accuracy of the global model")
+    _percent_axis(axes[0])
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set(xlabel=f"simulated device time ({unit}, the run's own clock)")
     _finish(fig, axes, "Accuracy of the global model over training, by round and by simulated "
@@ -197,14 +260,22 @@ def plot_communication(runs: Sequence[Run], legend: str, colors: dict) -> plt.Fi
 def plot_importance(runs: Sequence[Run], legend: str, colors: dict) -> plt.Figure | None:
     """Component importance of each low-rank layer at the last checkpoint (a group's first seed)."""
     spectra: dict[str, dict[str, np.ndarray]] = {}
+    missing: list[str] = []
     for run in sorted(runs, key=lambda r: r.seed):
         store = RunStore(run.path)
         if run.group in spectra or not store.has_checkpoint():
             continue
-        _, arrays, _ = store.load_checkpoint()
+        try:
+            _, arrays, _ = store.load_checkpoint()
+        except ValueError:  # e.g. a committed reference keeps its tables, not its arrays
+            missing.append(run.name)
+            continue
         spectra[run.group] = {name[:-2]: importance_from_arrays(arrays[name], arrays[v])
                               for name in sorted(arrays) if name.endswith(".U")
                               and (v := name[:-1] + "V") in arrays}
+    if missing:
+        log.warning("no importance spectrum from %d runs whose checkpoint arrays cannot be read "
+                    "(e.g. %s)", len(missing), missing[0])
     layers = sorted({layer for s in spectra.values() for layer in s})
     if not layers:
         return None

@@ -19,8 +19,6 @@ its device world moved during the run (``fl_maestro.world``).
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 import logging
 import sys
@@ -40,8 +38,10 @@ from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accur
                                plot_communication, plot_importance, plot_pareto,
                                plot_tier_accuracy, save_figure)
 from simulations.stats import LAST_K, SLOPE_THRESHOLD
+from simulations.page import summary_html, summary_markdown, write_html
 from simulations.summary import (NOTES, default_baseline, final_frame, final_table,
-                                 group_differences, run_convergence, tier_differences)
+                                 group_differences, run_convergence, summary_frame,
+                                 tier_differences)
 
 log = logging.getLogger(__name__)
 
@@ -209,37 +209,15 @@ def profiles_table(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def write_html(out: Path, title: str, notes: Sequence[str],
-               sections: Sequence[tuple[str, pd.DataFrame | Path]]) -> Path:
-    """One self-contained page: notes, then tables as HTML and PNGs embedded as base64, in order."""
-    parts = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(n)}</p>" for n in notes)]
-    for caption, item in sections:
-        if isinstance(item, pd.DataFrame) and item.empty:
-            continue  # e.g. no outcome rows in runs made before the device world
-        parts.append(f"<h2>{html.escape(caption)}</h2>")
-        if isinstance(item, pd.DataFrame):
-            parts.append(item.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
-        else:
-            data = base64.b64encode(item.read_bytes()).decode()
-            parts.append(f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">')
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
-             "padding:2px 6px;text-align:right}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    (out / "report.html").write_text(page)
-    return out / "report.html"
-
-
-PLOTS = (("accuracy-vs-fraction", "Accuracy vs rank fraction", plot_accuracy_vs_fraction),
-         ("tier-accuracy", "Accuracy per budget tier", plot_tier_accuracy),
-         ("pareto", "Accuracy vs MACs", plot_pareto))
+PLOTS = (("tier-accuracy", "Accuracy per budget tier", plot_tier_accuracy),
+         ("pareto", "Accuracy vs MACs", plot_pareto),
+         ("accuracy-vs-fraction", "Accuracy vs rank fraction", plot_accuracy_vs_fraction))
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAST_K,
                  baseline: str | None = None, slope_threshold: float = SLOPE_THRESHOLD) -> Path:
     """Load runs, draw every plot (PNG + PDF) and write ``report.html`` (and the tables as CSV)
-    under ``out``."""
+    under ``out``: the summary table and the first two plots first, the rest folded below."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(paths)
@@ -256,14 +234,31 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
                ("device-profiles", "Device profiles of the simulated clock", profiles_table(runs))]
     for name, _, table in tables:
         table.to_csv(out / f"{name}.csv", index=False)
-    heads = sum(name in ("final-tier", "tier-differences", "group-differences")
-                for name, _, _ in tables)
-    order = [(caption, table) for _, caption, table in tables]
-    sections = [*order[:heads], *images, *order[heads:]]
-    notes = _notes(paths, runs, legend, last_k, slope_threshold)
-    page = write_html(out, "fl-maestro report", notes, sections)
+    base = (baseline or default_baseline(finals)) if finals["group"].nunique() > 1 else None
+    summary = summary_frame(finals, converged, base)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(summary, base))
+    page = write_html(out, "fl-maestro report", _lead(paths, runs, legend),
+                      [summary_html(summary, base), *images[:2]],
+                      _folded(tables, images[2:], _notes(legend, last_k, slope_threshold, runs)))
     log.info("wrote %d plots and %s", len(images), page)
     return page
+
+
+def _folded(tables: list[tuple[str, str, pd.DataFrame]], images: list[tuple[str, Path]],
+            notes: list[str]) -> list[tuple[str, list]]:
+    """Everything after the first screen, under headings: accuracy tables, plots, diagnostics."""
+    by_name = {name: (caption, table) for name, caption, table in tables}
+    accuracy = [by_name[n] for n in ("final-tier", "group-differences", "tier-differences",
+                                     "final-fraction") if n in by_name]
+    diagnostics = [by_name[n] for n in ("runs", "outcomes", "device-profiles", "coverage")
+                   if n in by_name]
+    late = ("Coverage", "Movement from initialisation and importance", "Importance spectrum",
+            "Full-budget clients per round")
+    return [("Accuracy in detail (percent)", accuracy),
+            ("More plots", [i for i in images if i[0] not in late]),
+            ("Diagnostics", [*diagnostics, *[i for i in images if i[0] in late]]),
+            ("Method", [("How the numbers are made", "\n\n".join(notes))])]
 
 
 def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,
@@ -312,15 +307,18 @@ def _images(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame, legen
     return [(caption, save_figure(fig, out, name)) for caption, name, fig in figures]
 
 
-def _notes(paths: Sequence[str | Path], runs: Sequence[Run], legend: str, last_k: int,
-           slope_threshold: float) -> list[str]:
-    groups = sorted({r.group for r in runs})
+def _lead(paths: Sequence[str | Path], runs: Sequence[Run], legend: str) -> str:
+    groups = len({r.group for r in runs})
+    return (f"{len(runs)} runs in {groups} groups from {', '.join(map(str, paths))}; groups differ "
+            f"in {legend or 'the keys named in each group label'} (seed aside).")
+
+
+def _notes(legend: str, last_k: int, slope_threshold: float, runs: Sequence[Run]) -> list[str]:
     policies = sorted({f"{r.config.get('deadline-policy', 'wait')}"
                        + (f" at {r.config['round-deadline']:g} s"
                           if r.config.get("deadline-policy", "wait") != "wait" else "")
                        for r in runs})
-    return [f"Inputs: {', '.join(map(str, paths))} ({len(runs)} runs, {len(groups)} groups).",
-            f"Groups: runs differ in {legend or 'the keys named in each group label'}; seed aside. "
+    return [f"Groups: runs differ in {legend or 'the keys named in each group label'}; seed aside. "
             f"Final accuracy is the mean over each run's last {last_k} evaluated rounds (the "
             "last round alone beside it), then the mean over the group's seeds.",
             NOTES,

@@ -126,6 +126,16 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              overrides={"dataset": "digits", "num-rounds": 2, "clients-per-round": 3,
                         "eval-samples": 0}, supernodes=4,
              axes=(axis("device-mix", ("0.2:0.5,1.0:0.5", "1.0:1.0")),)),
+    Scenario("tiny", "the small committed reference: Fashion-MNIST, 20 clients, 3 per round, "
+             "5 rounds, four methods x 3 seeds (about 5 CPU-minutes in process); a test re-runs "
+             "one cell and checks it against results/reference/tiny",
+             overrides={"num-rounds": 5, "clients-per-round": 3, "device-mix": "0.25:0.5,1.0:0.5",
+                        "eval-samples": 500, "eval-fractions": "0.25,0.5,1.0"},
+             supernodes=20, seeds=(0, 1, 2),
+             axes=(grouped_axis("method", {"rankwise": {"strategy": "rankwise"},
+                                           "fedavg-full": {"strategy": "fedavg-full"},
+                                           "fjord": {"strategy": "fjord"},
+                                           "heterofl": {"strategy": "heterofl"}}),)),
     Scenario("scaling-clients", "the same 10 clients per round drawn from a growing population",
              overrides={"clients-per-round": 10}, axes=(axis(SUPERNODES, (100, 300, 1000)),)),
 )}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from simulations.stats import (CONFIDENCE, LAST_K, accuracy_curve, convergence, final_values, interval_frame,
-                               paired_differences)
+from simulations.stats import (CONFIDENCE, LAST_K, accuracy_curve, convergence, final_values,
+                               interval_frame, paired_differences)
 
 COSTS = ("dense-relative-macs", "relative-macs")
 
@@ -105,3 +105,30 @@ NOTES = (f"Intervals are two-sided {CONFIDENCE:.0%} t-intervals over n seeds (n 
          "freedom); n = 1 gives none. Differences are paired: on the same seed two methods share "
          "the partitions, budgets and client sampling. A difference whose interval contains 0 is "
          "'not separated'.")
+
+
+def summary_frame(finals: pd.DataFrame, converged: pd.DataFrame,
+                  baseline: str | None = None) -> pd.DataFrame:
+    """The report's first table, long form: per group and budget tier (rank fraction when the
+    runs have no tiers) the last-k final accuracy (mean, 95% half-width, n), the paired
+    difference from ``baseline`` (mean, half-width, pairs, separated; NaN for the baseline and
+    for a single group) and how many of the group's runs converged."""
+    kind = "tier" if (finals["kind"] == "tier").any() else "fraction"
+    rows = finals[finals["kind"] == kind]
+    table = interval_frame(rows, ["group", "level"], "accuracy")[
+        ["group", "level", "mean", "ci-half", "n"]]
+    diff_columns = ["difference", "difference ±95%", "pairs", "separated"]
+    if rows["group"].nunique() > 1:
+        base = baseline or default_baseline(finals)
+        diff = paired_differences(rows, "group", base, ["level"], "accuracy", pair="seed")
+        diff = diff.assign(half=(diff["ci-high"] - diff["ci-low"]) / 2).rename(columns={
+            "mean": "difference", "half": "difference ±95%", "n": "pairs"})
+        table = table.merge(diff[["group", "level", *diff_columns]], on=["group", "level"],
+                            how="left")
+    else:
+        table = table.assign(**{c: float("nan") for c in diff_columns})
+    runs = rows[["group", "run"]].drop_duplicates().merge(converged, on="run")
+    done = runs.groupby("group")["converged"].agg(lambda c: f"{int(c.sum())}/{len(c)}")
+    table["converged"] = table["group"].map(done)
+    table.attrs.update(kind=kind, k=finals.attrs.get("k", 1))
+    return table

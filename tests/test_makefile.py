@@ -39,3 +39,9 @@ def test_make_bench_runs_the_comparison_cost_beside_a_base_checkout_when_told() 
     told = " ".join(_dry_run("bench", "BENCH_BASE=/tmp/base", "BENCH_THREADS=1").split())
     assert "-m simulations.bench_comparison --out results/bench --base /tmp/base" in told
     assert "-m simulations.bench_throughput --out results/bench --threads 1" in told
+
+
+def test_make_test_installs_chromium_for_the_browser_test_before_pytest() -> None:
+    out = _dry_run("test")
+    assert "command -v chromium" in out and "apt-get install -y -qq chromium" in out
+    assert out.index("install -y -qq chromium") < out.index("-m pytest")

@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 
 from fl_maestro.results import RunStore
+from simulations.page import percent, summary_html, summary_markdown
+from simulations.plots import data_limits, plot_tier_accuracy
 from simulations.report import build_report, find_runs, group_runs, load_run, main, time_at_rounds
+from simulations.summary import summary_frame
 
 METRICS = ("accuracy", "loss", "macs", "params", "relative-macs", "dense-relative-macs",
            "eval-examples")
@@ -110,12 +113,15 @@ def test_report_writes_plots_and_html_with_the_numbers(sweep: Path, tmp_path: Pa
     # accuracy grows as (r + 1) / 3 over rounds 0..2: the mean of the last 5 evaluated rounds
     # (here rounds 1 and 2; round 0, the untrained model, never counts) is 5/6 of the last's
     mix_a = tiers.loc[("0.5:0.5,1.0:0.5", 0.5)]
-    assert mix_a["last round"] == pytest.approx(0.725) and mix_a["n"] == 2
-    assert mix_a["mean of last 5"] == pytest.approx(0.725 * 5 / 6, abs=1e-4)
+    # the page shows accuracy in percent (2 decimals); the CSV keeps fractions
+    assert mix_a["last round"] == pytest.approx(72.5) and mix_a["n"] == 2
+    assert mix_a["mean of last 5"] == pytest.approx(72.5 * 5 / 6, abs=0.01)
     # seeds 0.75 and 0.70: s = 0.0354, s / sqrt(2) = 0.025
-    assert mix_a["last round ±95%"] == pytest.approx(T975_1 * 0.025, abs=1e-4)
-    assert tiers.loc[("0.5:0.5,1.0:0.5", 1.0), "last round"] == pytest.approx(0.825)
-    assert tiers.loc[("1.0:1.0", 1.0), "last round"] == pytest.approx(0.9125)
+    assert mix_a["last round ±95%"] == pytest.approx(T975_1 * 2.5, abs=0.01)
+    assert tiers.loc[("0.5:0.5,1.0:0.5", 1.0), "last round"] == pytest.approx(82.5)
+    assert tiers.loc[("1.0:1.0", 1.0), "last round"] == pytest.approx(91.25)
+    csv = pd.read_csv(out / "final-tier.csv").set_index(["group", "budget"])
+    assert csv.loc[("0.5:0.5,1.0:0.5", 0.5), "last round"] == pytest.approx(0.725)
     assert np.isnan(tiers.loc[("1.0:1.0", 1.0), "last round ±95%"])  # one seed: no interval
     assert tiers["converged"].tolist() == ["0/2", "0/2", "0/1"]  # 3 rounds: not judged
     assert (out / "final-tier.csv").exists() and (out / "coverage.csv").exists()
@@ -130,12 +136,12 @@ def test_report_pairs_differences_and_marks_what_is_not_separated(sweep: Path,
     tiers = _table(page, "Each tier minus").set_index("group")
     # mix-a, tier 1.0 minus 0.5 on the same run: 0.0625 (seed 0), 0.1375 (seed 1)
     row = tiers.loc["0.5:0.5,1.0:0.5"]
-    assert row["difference"] == pytest.approx(0.1) and row["pairs"] == 2
-    assert row["95% CI low"] == pytest.approx(0.1 - T975_1 * 0.0375, abs=1e-4)
+    assert row["difference"] == pytest.approx(10) and row["pairs"] == 2
+    assert row["95% CI low"] == pytest.approx(10 - T975_1 * 3.75, abs=0.01)
     assert "not separated" in page
     groups = _table(page, "Each group minus 0.5:0.5,1.0:0.5").set_index("group")
     # mix-b has seed 0 only: 0.9125 - 0.8125 at tier 1.0, one pair, no interval
-    assert groups.loc["1.0:1.0", "difference"] == pytest.approx(0.1)
+    assert groups.loc["1.0:1.0", "difference"] == pytest.approx(10)
     assert groups.loc["1.0:1.0", "pairs"] == 1
     coverage = _table(page, "Coverage per layer").set_index("group")
     # fc: client-steps (4 - j) * r over rounds 1 and 2: first 12, last 3
@@ -169,8 +175,8 @@ class _Cells(HTMLParser):
 
 
 def _table(page: str, caption: str) -> pd.DataFrame:
-    """The first table after the heading that starts with ``caption``, numbers parsed."""
-    start = page.index(f"<h2>{caption}")
+    """The first table after the folded heading that starts with ``caption``, numbers parsed."""
+    start = page.index(f"<summary>{caption}")
     parser = _Cells()
     parser.feed(page[start:page.index("</table>", start)])
     frame = pd.DataFrame(parser.rows[1:], columns=parser.rows[0])
@@ -200,3 +206,73 @@ def test_time_at_rounds_reads_the_runs_clock() -> None:
     rounds = pd.DataFrame({"round": [1, 2, 3], "sim-time": [2.0, 5.0, 9.0]})
     assert time_at_rounds(rounds, [0, 1, 3, 4]).tolist() == [0, 2, 9, 9]
     assert np.isnan(time_at_rounds(pd.DataFrame({"round": [1]}), [1])).all()  # an older run
+
+
+def test_first_screen_is_the_summary_in_percent_with_paired_differences(sweep: Path,
+                                                                         tmp_path: Path) -> None:
+    page = build_report([sweep], tmp_path / "report", last_k=1).read_text()
+    start = page.index("<table class='summary'>")
+    # the answer comes first: summary table, then the first plots, then the folded details
+    assert start < page.index("<img") < page.index("<details>")
+    assert "<details>" not in page[:start]
+    parser = _Cells()
+    parser.feed(page[start:page.index("</table>", start)])
+    head, *rows = parser.rows
+    assert head == ["group", "n", "budget 0.5", "budget 1", "converged"]
+    rows = {r[0]: r[1:] for r in rows}
+    # mix-a tier 0.5: seeds 0.75, 0.70 -> 72.5 +- t(1) * 2.5 points; tier 1.0: 0.8125, 0.8375
+    assert rows["0.5:0.5,1.0:0.5"] == ["2", "72.5 ± 31.8", "82.5 ± 15.9", "0/2"]
+    # mix-b (seed 0 only) minus mix-a's seed 0 at tier 1.0: one pair, +10 points, no interval
+    assert rows["1.0:1.0"] == ["1", "-", "91.2Δ +10.0", "0/1"]
+    assert "separated (its 95% interval excludes 0)" in page
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv").set_index(["group", "level"])
+    assert summary.loc[("1.0:1.0", 1.0), "difference"] == pytest.approx(0.1)
+    assert not summary.loc[("1.0:1.0", 1.0), "separated"]  # one pair: no interval, no verdict
+
+
+def test_a_separated_difference_is_marked_bold() -> None:
+    finals = pd.DataFrame({"run": ["a0", "a1", "a2", "b0", "b1", "b2"],
+                           "group": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2,
+                           "kind": "tier", "level": 1.0,
+                           "accuracy": [0.80, 0.81, 0.82, 0.85, 0.87, 0.86]})
+    converged = pd.DataFrame({"run": finals["run"], "converged": [True] * 5 + [False]})
+    summary = summary_frame(finals, converged, "a")
+    row = summary.set_index("group").loc["b"]
+    # differences 0.05, 0.06, 0.04: mean 0.05, s = 0.01, t(2) = 4.3027 -> half 0.0248
+    assert row["difference"] == pytest.approx(0.05)
+    assert row["difference ±95%"] == pytest.approx(4.302653 * 0.01 / np.sqrt(3), abs=1e-6)
+    assert row["separated"] and row["converged"] == "2/3"
+    html = summary_html(summary, "a")
+    assert "<span class='diff sep' title='separated'>Δ +5.0 ± 2.5 *</span>" in html
+    assert "81.0 ± 2.5" in html  # group a: 0.80..0.82, same spread
+    markdown = summary_markdown(summary, "a").splitlines()
+    assert markdown[:4] == ["| group | n | budget 1 | converged |", "| --- | --- | --- | --- |",
+                            "| a | 3 | 81.0 ± 2.5 | 3/3 |",
+                            "| b | 3 | 86.0 ± 2.5; Δ +5.0 ± 2.5 * | 2/3 |"]
+
+
+def test_accuracy_axes_are_scaled_to_the_data() -> None:
+    stats = pd.DataFrame({"mean": [0.80, 0.82], "ci-half": [0.01, np.nan]})
+    # data span 0.79..0.82 padded by 15% of 0.03 on each side
+    assert data_limits(stats) == pytest.approx((0.7855, 0.8245))
+    assert data_limits(pd.DataFrame({"mean": [0.5], "ci-half": [np.nan]})) == \
+        pytest.approx((0.487, 0.513))  # at least 2 points wide
+    finals = pd.DataFrame({"run": ["a0", "b0"], "group": ["a", "b"], "seed": 0, "kind": "tier",
+                           "level": 1.0, "accuracy": [0.80, 0.82]})
+    fig = plot_tier_accuracy(finals, "method", {"a": "red", "b": "blue"})
+    assert fig.axes[0].get_ylim() == pytest.approx((0.797, 0.823))  # not 0..1
+    assert percent(pd.DataFrame({"last round": [0.5], "moved last": [0.2], "n": [2]})) \
+        .iloc[0].tolist() == [50, 0.2, 2]
+
+
+def test_a_single_runs_report_starts_with_its_tiers(sweep: Path, tmp_path: Path) -> None:
+    run = sweep / "device-mix=mix-a__seed=1"
+    page = build_report([run], tmp_path / "one", last_k=1).read_text()
+    start = page.index("<table class='summary'>")
+    assert start < page.index("<img") < page.index("<details>")
+    parser = _Cells()
+    parser.feed(page[start:page.index("</table>", start)])
+    # seed 1 of mix-a: tier 0.5 at 0.70, tier 1.0 at 0.8375; one run: no interval, no Δ
+    assert parser.rows == [["group", "n", "budget 0.5", "budget 1", "converged"],
+                           ["device-mix=mix-a__seed=1", "1", "70.0", "83.8", "0/1"]]
+    assert "Δ" not in page[start:page.index("<img")]
