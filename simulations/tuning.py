@@ -186,3 +186,38 @@ def tuning_from_args(args: argparse.Namespace, seeds: Sequence[int]) -> Tuning |
         raise ValueError(f"--tune-seed {seed} / --tune-rounds {args.tune_rounds}: allowed a "
                          f"seed >= 0 not among the sweep's seeds {list(seeds)} and rounds >= 1")
     return Tuning(parse_tune(args.tune), seed, args.tune_rounds)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The tuning table as markdown: a row per method, a column per grid point, the validation
+    accuracy in % (bold: chosen; "(Nd)": N clients diverged and were dropped; "failed": the run
+    stopped, e.g. too few usable replies in a round)."""
+    grid = [c for c in table.columns if c in KEYS]
+    method_axes = [c for c in table.columns
+                   if c not in (*grid, "cell-id", "status", "round", "val-accuracy",
+                                "diverged-clients", "chosen", "tuning-seed", "horizon")]
+    label = table[grid].astype(str).agg(lambda r: ", ".join(f"{k} {v}" for k, v in r.items()),
+                                        axis=1)
+
+    def text(row: Mapping[str, Any]) -> str:
+        if pd.isna(row["val-accuracy"]):
+            return "failed"
+        out = f"{100 * row['val-accuracy']:.1f}"
+        out += f" ({int(row['diverged-clients'])}d)" if row.get("diverged-clients", 0) > 0 else ""
+        return f"**{out}**" if row["chosen"] else out
+
+    cells = table.assign(setting=label, text=table.apply(text, axis=1))
+    settings = list(dict.fromkeys(label))
+    lines = [f"| {' / '.join(method_axes)} | " + " | ".join(settings) + " |",
+             "| --- |" + " --- |" * len(settings)]
+    for key, group in cells.groupby(method_axes, sort=False):
+        by = dict(zip(group["setting"], group["text"]))
+        name = " / ".join(key) if isinstance(key, tuple) else str(key)
+        lines.append(f"| `{name}` | " + " | ".join(by.get(s, "") for s in settings) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m simulations.tuning <sweep>/tuning/table.csv
+    import sys
+
+    print(markdown_table(pd.read_csv(sys.argv[1])))

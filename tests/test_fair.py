@@ -25,7 +25,7 @@ from fl_maestro.training import DivergenceCheck, Recipe, train
 from simulations.inprocess import InProcessGrid
 from simulations.scenarios import Scenario, grouped_axis
 from simulations.sweep import Cell, build_cells, run_sweep, tune
-from simulations.tuning import (Tuning, choose, parse_tune, tuning_from_args,
+from simulations.tuning import (Tuning, choose, markdown_table, parse_tune, tuning_from_args,
                                 tuning_tables, validation_scores)
 from fl_maestro.rounds import round_totals
 from strategies.plan import ClientSpec, FixedPlan
@@ -273,3 +273,13 @@ def test_tuning_seed_is_none_of_the_comparisons() -> None:
     with pytest.raises(ValueError, match="not among the sweep's seeds"):
         tuning_from_args(argparse.Namespace(**{**vars(args), "tune_seed": 1}), [0, 1, 2])
     assert tuning_from_args(argparse.Namespace(**{**vars(args), "tune": []}), [0]) is None
+
+
+def test_tuning_markdown_marks_choice_divergence_and_failure() -> None:
+    table = pd.DataFrame({"cell-id": ["a", "b", "c"], "method": ["x", "x", "x"],
+                          "lr": [0.1, 0.2, 0.4], "status": ["done", "done", "failed"],
+                          "val-accuracy": [0.5, 0.75, np.nan], "diverged-clients": [0, 2, np.nan],
+                          "chosen": [False, True, False]})
+    lines = markdown_table(table).splitlines()
+    assert lines[0] == "| method | lr 0.1 | lr 0.2 | lr 0.4 |"
+    assert lines[2] == "| `x` | 50.0 | **75.0 (2d)** | failed |"
