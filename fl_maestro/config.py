@@ -163,13 +163,13 @@ class RunConfig:
     eval_fractions: str = key("0.1,0.25,0.5,0.75,1.0", "comma-separated numbers in (0, 1]",
                               _fractions)
     eval_every: int = key(1, "an integer >= 1", _int(1))
-    # 1000 (not the whole test set) keeps evaluation under a fifth of a default run's CPU while
-    # every round keeps its point on the curve: the same seeded subset every round; the final
-    # round is always evaluated on the whole test set.
     eval_split: str = key("test", f"one of {EVAL_SPLITS} (what the server evaluates on; "
                           "validation: the union of the clients' validation splits, carved from "
                           "the training data and never trained on, for tuning)",
                           lambda v: v in EVAL_SPLITS)
+    # 1000 (not the whole test set) keeps evaluation under a fifth of a default run's CPU while
+    # every round keeps its point on the curve: the same seeded subset every round; the final
+    # round is always evaluated on the whole test set.
     eval_samples: int = key(1000, "an integer >= 0 (test examples evaluated in the rounds before "
                             "the last; 0: the whole test set)", _int(0))
     init: str = key("random", "'random' or 'svd:<path to a dense state dict .safetensors>'", _init)
