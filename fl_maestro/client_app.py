@@ -81,8 +81,8 @@ def local_loaders(cfg: RunConfig, partition_id: int, num_partitions: int, server
 
 
 def prepare_model(cfg: RunConfig, model) -> None:
-    """Set up the received model as its method trains it: HeteroFL's scaler divides every sliced
-    layer's output by its width rate."""
+    """Set up the received model as its method trains it: HeteroFL's scaler divides the output of
+    every sliced layer that feeds a norm layer by its width rate (``width.set_scaler``)."""
     if get_method(cfg.strategy).local(cfg).scaler:
         full = build_width_model(cfg.model, DATASET_SHAPES[cfg.dataset],
                                  NUM_CLASSES[cfg.dataset], device="meta")
@@ -135,6 +135,10 @@ def train_prefix(msg: Message, context: Context) -> Message:
         "val-accuracy": local["accuracy"], "val-loss": local["loss"],
         "val-examples": local["examples"], **{f"{k}-seconds": v for k, v in took.items()},
         **coverage_metrics(result["coverage"]),
+        # A diverged client's reply is counted by the server, never merged.
+        "diverged": int(result["diverged"]),
+        **{k: float(result[k]) for k in ("diverged-loss", "diverged-step", "first-loss")
+           if k in result},
     })
     if local_recipe.classes is not None:  # HeteroFL merges the output rows of these classes only
         metrics["classes"] = [int(c) for c in local_recipe.classes]

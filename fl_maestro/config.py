@@ -19,8 +19,8 @@ from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS, RANK_CAPS
 from fl_maestro.precision import PRECISIONS
-from fl_maestro.methods import MERGE_WEIGHTS, METHODS, method_keys
-from fl_maestro.sampling import SAMPLERS
+from fl_maestro.methods import MERGE_WEIGHTS, METHODS, PAPER_CLIP, TIER_GRID, method_keys
+from fl_maestro.sampling import SAMPLER_NAMES
 from fl_maestro.training import OPTIMIZERS
 from fl_maestro.world import POLICIES
 
@@ -71,6 +71,13 @@ def _mix(text: Any) -> bool:
 
 def _init(text: Any) -> bool:
     return text == "random" or (isinstance(text, str) and text.startswith("svd:") and len(text) > 4)
+
+
+def _clip(v: Any) -> bool:
+    return v == "method" or _number(0, math.inf)(v)
+
+
+EVAL_SPLITS = ("test", "validation")
 
 
 def _deadline(v: Any) -> bool:
@@ -126,9 +133,10 @@ class RunConfig:
     precision: str = key("fp32", f"one of {PRECISIONS} (the dtype of the forward passes in "
                          "training and evaluation; bf16 through autocast, parameters stay float32)",
                          lambda v: v in PRECISIONS)
-    sampler: str = key("single-layer", f"one of {tuple(sorted(SAMPLERS))} (single-layer: "
-                       "Maestro's per-layer draw, a layer's chance proportional to its ranks)",
-                       lambda v: v in SAMPLERS)
+    sampler: str = key("single-layer", f"one of {(*SAMPLER_NAMES, TIER_GRID)} (single-layer: "
+                       "Maestro's per-layer draw, a layer's chance proportional to its ranks; "
+                       "tier-grid: the tiers' joint configurations at or below the client's "
+                       "budget, as FjORD draws)", lambda v: v in SAMPLER_NAMES or v == TIER_GRID)
     distill: bool = key(True, "true or false (Maestro's self-distilling loss; false: plain ordered "
                         "dropout)", _is_bool)
     fjord_kd: bool = key(False, "true or false (FjORD's knowledge distillation from p_max)",
@@ -140,6 +148,13 @@ class RunConfig:
     heterofl_merge_weight: str = key("clients", f"one of {MERGE_WEIGHTS} (HeteroFL averages "
                                      "each element over the clients holding it, by count)",
                                      lambda v: v in MERGE_WEIGHTS)
+    clip_grad_norm: Any = key("method", "'method' (what the strategy's own code clips at: "
+                              f"{PAPER_CLIP}, others none) or a number >= 0 (the largest "
+                              "gradient norm of a local step; 0: no clipping)", _clip)
+    divergence_factor: float = key(10.0, "a number >= 0 (a client stops as 'diverged' when its "
+                                   "loss is non-finite or its last 5 steps' mean loss exceeds "
+                                   "this many times its first 5 steps'; 0: only non-finite)",
+                                   _number(0, math.inf))
     hgl_lambda: float = key(0.0, "a number >= 0", _number(0, math.inf))
     shrink_every: int = key(0, "an integer >= 0 (rounds between progressive shrinking; 0: off)",
                             _int(0))
@@ -148,6 +163,10 @@ class RunConfig:
     eval_fractions: str = key("0.1,0.25,0.5,0.75,1.0", "comma-separated numbers in (0, 1]",
                               _fractions)
     eval_every: int = key(1, "an integer >= 1", _int(1))
+    eval_split: str = key("test", f"one of {EVAL_SPLITS} (what the server evaluates on; "
+                          "validation: the union of the clients' validation splits, carved from "
+                          "the training data and never trained on, for tuning)",
+                          lambda v: v in EVAL_SPLITS)
     # 1000 (not the whole test set) keeps evaluation under a fifth of a default run's CPU while
     # every round keeps its point on the curve: the same seeded subset every round; the final
     # round is always evaluated on the whole test set.

@@ -26,7 +26,8 @@ from fl_maestro import streams
 from fl_maestro.budgets import assign_budgets
 from fl_maestro.components import component_rows, coverage_from_metrics
 from fl_maestro.config import RunConfig, defaults
-from fl_maestro.data import DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader
+from fl_maestro.data import (DATASET_SHAPES, NUM_CLASSES, load_dataset, make_loader,
+                             validation_rows)
 from fl_maestro.discovery import Discovery
 from fl_maestro.evaluation import evaluate_levels
 from fl_maestro.models import RankedModel, build_model, load_dense_state, model_arrays
@@ -166,8 +167,15 @@ class Federation:
         self.store.write_config(cfg.to_dict())
         self.scalars = Scalars(self.store.root / "tensorboard", self.start_round) \
             if cfg.tensorboard else None
-        _, _, self.test_x, self.test_y = load_dataset(cfg.dataset)
+        self.eval_x, self.eval_y = self._evaluation_data()
 
+
+    def _evaluation_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The test set, or (``eval-split = validation``) the training set, of which the union
+        of the clients' validation splits is evaluated once the partitions are known."""
+        x_train, y_train, test_x, test_y = load_dataset(self.cfg.dataset)
+        self.eval_pool: np.ndarray | None = None  # rows of eval_x to evaluate on (None: all)
+        return (x_train, y_train) if self.cfg.eval_split == "validation" else (test_x, test_y)
 
     def _resume(self) -> None:
         # a key the saved run predates had its default then
@@ -207,7 +215,14 @@ class Federation:
         self.budgets = node_budgets(self.cfg, nodes)
         self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
         self.examples.update({n: int(info["train-examples"]) for n, info in nodes.items()})
-        self.world.availability.check_clients(int(next(iter(nodes.values()))["num-partitions"]))
+        num_partitions = int(next(iter(nodes.values()))["num-partitions"])
+        self.world.availability.check_clients(num_partitions)
+        if self.cfg.eval_split == "validation":
+            cfg = self.cfg  # the clients' own partitioning, so the rows they hold out
+            self.eval_pool = validation_rows(cfg.dataset, num_partitions, cfg.partitioner,
+                                             cfg.alpha, cfg.classes_per_client,
+                                             streams.seed_int(cfg.seed, "partition"),
+                                             cfg.val_fraction)
         self._check_same_nodes(nodes)
         # Deployment budgets from node configs are tiers too, evaluated and planned for.
         self.tiers = sorted(set(self.tiers) | set(self.budgets.values()))
@@ -237,14 +252,17 @@ class Federation:
                                  "with the same number of SuperNodes (and node configs)")
 
     def replan(self, server_round: int) -> tuple[RankedModel, dict[int, ClientSpec]]:
-        """Every taking-part node's spec (ranks, slice, extra config) on the current global
-        model, and that model (it prices the round's local steps)."""
+        """Every taking-part node's spec (ranks, slice or FedRolex's window of the round, extra
+        config) on the current global model, and that model (it prices the round's local steps)."""
         model = self.global_model()
         ranks = {b: self.plan(model, b, server_round) for b in set(self.budgets.values())}
         shapes = {b: model.slice_shapes(r) for b, r in ranks.items()}
         extra = {b: self.client_config(model, b, r, server_round) for b, r in ranks.items()}
+        windows = {b: self.method.windows(model, r, server_round) for b, r in ranks.items()} \
+            if self.method.windows is not None else {}
         return model, {
-            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b], self.examples.get(n))
+            n: ClientSpec(self.partitions[n], b, ranks[b], shapes[b], extra[b],
+                          self.examples.get(n), windows.get(b))
             for n, b in self.budgets.items() if self.method.takes_part(b)}
 
     def client_config(self, model: RankedModel, budget: float, ranks: Mapping[str, int],
@@ -261,13 +279,15 @@ class Federation:
         return extra
 
     def evaluate(self, server_round: int, final: bool = False) -> list[dict]:
-        """Evaluate the global model (on the whole test set for the final round)."""
-        n = len(self.test_y) if final or self.cfg.eval_samples == 0 else self.cfg.eval_samples
-        subset = evaluation_subset(self.cfg.seed, len(self.test_y), n)
+        """Evaluate the global model on the test set or, with ``eval-split = validation``, the
+        clients' validation splits (on the whole of it for the final round)."""
+        pool = np.arange(len(self.eval_y)) if self.eval_pool is None else self.eval_pool
+        n = len(pool) if final or self.cfg.eval_samples == 0 else self.cfg.eval_samples
+        subset = pool[evaluation_subset(self.cfg.seed, len(pool), n)]
         # Batches of 200 keep the CNN's largest activation (20 MB) under glibc's largest
         # mmap threshold, so fl_maestro.runtime's malloc settings keep it in the heap.
         model = self.global_model()
-        loader = make_loader(self.test_x, self.test_y, np.sort(subset), batch_size=200,
+        loader = make_loader(self.eval_x, self.eval_y, np.sort(subset), batch_size=200,
                              device=next(model.parameters()).device)
         tiers = {b: self.plan(model, b, server_round) for b in self.tiers}
         return evaluation_rows(model, loader, self.cfg.fractions, server_round, tiers,

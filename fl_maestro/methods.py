@@ -20,11 +20,14 @@ from typing import Any
 
 from fl_maestro.budgets import ranks_for_budget
 from fl_maestro.models import RankedModel, build_model, model_from_arrays
+from fl_maestro.rolling import window_indices
 from fl_maestro.sampling import Sampler, tier_grid
 from fl_maestro.training import Recipe
 from fl_maestro.width import build_width_model, width_model_from_arrays
 
 TIER_GRID = "tier-grid"  # FjORD's sampler: its ranks come from the server, one grid per client
+# Gradient clipping each method's own code applies (HeteroFL's and FedRolex's clip_grad_norm_(1)).
+PAPER_CLIP = {"heterofl": 1.0, "fedrolex": 1.0}
 HGL_BEYOND = "hgl-beyond"  # per layer, the squared norms of the global components past a client's
 MERGE_WEIGHTS = ("clients", "examples")
 
@@ -73,6 +76,14 @@ class LocalTraining:
     scaler: bool = False
 
 
+def clip_for(cfg: Any) -> float:
+    """The gradient-clipping norm a run trains with: ``clip-grad-norm``, or with ``method``
+    what the strategy's own code clips at (``PAPER_CLIP``; 0, no clipping, for the others)."""
+    if cfg.clip_grad_norm == "method":
+        return PAPER_CLIP.get(cfg.strategy, 0.0)
+    return float(cfg.clip_grad_norm)
+
+
 def budget_ranks(model: RankedModel, budget: float, p: Planning) -> dict[str, int]:
     """The ranks ``budget`` affords under the run's rank allocation."""
     return ranks_for_budget(model, budget, p.allocation, p.cost, p.reference_cost)
@@ -108,6 +119,9 @@ class Method:
     label_rows: Callable[[Any], bool] = lambda cfg: False  # merge only the classes a reply has
     keys: tuple[str, ...] = ()  # run-config keys only methods listing them read
     budgeted: bool = True  # whether its plan reads the device's budget (else `cost` is unused)
+    # (model, ranks, server round) -> per array, the global indices a device holds on every
+    # axis (FedRolex's rolling window); None: the leading corner of its ranks.
+    windows: Callable[[RankedModel, Mapping[str, int], int], dict] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -121,6 +135,8 @@ class Method:
 
 
 def _rankwise_local(cfg: Any) -> LocalTraining:
+    """Maestro's loss; sampler ``tier-grid`` draws the sampled pass from the tiers' joint
+    configurations at or below the client's budget, as FjORD draws (the server sends the grid)."""
     return LocalTraining(cfg.sampler, cfg.distill, cfg.hgl_lambda)
 
 
@@ -154,8 +170,14 @@ register(Method(
     keys=("sampler", "distill", "hgl-lambda", "shrink-every", "shrink-threshold",
           "rank-allocation", *_FACTOR_KEYS)))
 register(Method(
-    "fedavg-full", "factors", "FedAvg, every device trains the full model whatever its budget "
-    "(an unreachable upper bound)", "FedAvg (McMahan et al., AISTATS 2017)",
+    "fedavg-full", "width", "FedAvg as published: every device trains the dense, undecomposed "
+    "model whatever its budget (an unreachable upper bound)",
+    "FedAvg (McMahan et al., AISTATS 2017)", lambda model, budget, p: model.max_ranks(),
+    budgeted=False))
+register(Method(
+    "fedavg-full-factors", "factors", "FedAvg on the factorised model at its maximum ranks, "
+    "every device whatever its budget (the rank-wise family's upper bound)",
+    "FedAvg (McMahan et al., AISTATS 2017) on Maestro's decomposition",
     lambda model, budget, p: model.max_ranks(), keys=_FACTOR_KEYS, budgeted=False))
 register(Method(
     "fedavg-smallest", "factors", "FedAvg, every device trains the smallest tier's model",
@@ -170,12 +192,19 @@ register(Method(
     "fjord", "width", "FjORD: ordered dropout over channel width, one tier of the discrete grid "
     "per step, optional self-distillation", "FjORD (Horváth et al., NeurIPS 2021)", width_ranks,
     lambda cfg: LocalTraining(TIER_GRID, cfg.fjord_kd), keys=("fjord-kd",)))
+_HETEROFL_KEYS = ("heterofl-masked-loss", "heterofl-scaler", "heterofl-merge-weight")
 register(Method(
-    "heterofl", "width", "HeteroFL: a static width per device, masked loss, scaler and "
-    "count-weighted merge", "HeteroFL (Diao et al., ICLR 2021)", width_ranks, _heterofl_local,
+    "heterofl", "width", "HeteroFL: a static width per device, masked loss, scaler before a norm "
+    "layer, gradients clipped to norm 1, count-weighted merge", "HeteroFL (Diao et al., ICLR "
+    "2021)", width_ranks, _heterofl_local, merge_weight=lambda cfg: cfg.heterofl_merge_weight,
+    label_rows=lambda cfg: cfg.heterofl_masked_loss, keys=_HETEROFL_KEYS))
+register(Method(
+    "fedrolex", "width", "FedRolex: a rolling window of each layer's channels, advancing one "
+    "channel per round, HeteroFL's recipe (built on its code); tiers deploy the leading window",
+    "FedRolex (Alam et al., NeurIPS 2022)", width_ranks, _heterofl_local,
     merge_weight=lambda cfg: cfg.heterofl_merge_weight,
-    label_rows=lambda cfg: cfg.heterofl_masked_loss,
-    keys=("heterofl-masked-loss", "heterofl-scaler", "heterofl-merge-weight")))
+    label_rows=lambda cfg: cfg.heterofl_masked_loss, keys=_HETEROFL_KEYS,
+    windows=window_indices))
 
 
 def method_keys() -> dict[str, tuple[str, ...]]:
@@ -214,7 +243,8 @@ def recipe(cfg: Any, server_round: int, sent: Mapping[str, Any],
                   epochs=cfg.local_epochs, lr=cfg.lr_at(server_round), momentum=cfg.momentum,
                   weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                   precision=cfg.precision,
-                  max_steps=int(sent["steps"]) if "steps" in sent else None)
+                  max_steps=int(sent["steps"]) if "steps" in sent else None,
+                  clip_grad_norm=clip_for(cfg), divergence_factor=cfg.divergence_factor)
 
 
 

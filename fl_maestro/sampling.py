@@ -7,6 +7,9 @@ is what orders the components by importance.
 ``single-layer`` is Maestro's ``per_layer`` sampler as its code draws: one (layer, rank) pair drawn
 uniformly, with replacement every step, from the union of every layer's ranks, so a layer's chance
 of being truncated is proportional to its number of ranks; the others stay at their maximum.
+``single-layer-walk`` is the same draw as Maestro's code makes it within a client's training: the
+list of every (layer, rank) pair is shuffled and walked one pair per step, reshuffled when used up
+(without replacement within a cycle; the same marginals as ``single-layer``).
 ``single-layer-uniform`` first picks the layer uniformly (every layer equally often), then the rank.
 ``tier_grid`` is FjORD's: one width fraction per step, drawn uniformly from the discrete grid of
 tiers the client can afford, for every layer.
@@ -32,6 +35,31 @@ def single_layer(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict
         name = list(ranks)[i]
         ranks[name] = k - int(bounds[i - 1] if i else 0) + 1
     return ranks
+
+
+class SingleLayerWalk:
+    """Maestro's ``per_layer`` walk: a shuffled list of all (layer, rank) pairs, one per step.
+
+    It keeps its place between calls, so ``get_sampler`` makes a fresh walk for each client's
+    training (and the same fresh walk for the server's plan of that training's steps).
+    """
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, int]] = []
+        self.max_ranks: dict[str, int] | None = None
+
+    def __call__(self, max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict[str, int]:
+        ranks = dict(max_ranks)
+        if ranks != self.max_ranks:  # another client's ranks: a walk of its own pairs
+            self.max_ranks, self.pairs = dict(ranks), []
+        if not ranks:
+            return ranks
+        if not self.pairs:
+            cycle = [(name, r) for name, top in ranks.items() for r in range(1, top + 1)]
+            self.pairs = [cycle[i] for i in rng.permutation(len(cycle))]
+        name, rank = self.pairs.pop()
+        ranks[name] = rank
+        return ranks
 
 
 def single_layer_uniform(max_ranks: Mapping[str, int], rng: np.random.Generator) -> dict[str, int]:
@@ -82,8 +110,15 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
+# Samplers that keep state within a client's training: a fresh one per training.
+WALKS: dict[str, Callable[[], Sampler]] = {"single-layer-walk": SingleLayerWalk}
+SAMPLER_NAMES = tuple(sorted([*SAMPLERS, *WALKS]))
+
+
 def get_sampler(name: str) -> Sampler:
-    """The sampler registered under ``name``."""
+    """The sampler registered under ``name`` (a fresh one for a walk)."""
+    if name in WALKS:
+        return WALKS[name]()
     if name not in SAMPLERS:
-        raise ValueError(f"sampler {name!r} is not allowed: use one of {sorted(SAMPLERS)}")
+        raise ValueError(f"sampler {name!r} is not allowed: use one of {SAMPLER_NAMES}")
     return SAMPLERS[name]

@@ -21,6 +21,14 @@ way, components past the client's maximum ranks are never changed.
 
 ``precision`` (``fl_maestro.precision``) picks the dtype of the forward passes (``fp32``, or
 ``bf16`` autocast); conv models train in the channels_last layout.
+
+``clip_grad_norm`` > 0 clips every step's gradient to that total norm before the update, as
+HeteroFL's and FedRolex's code do (``clip_grad_norm_(..., 1)``). ``divergence_factor`` > 0 stops a
+client whose training blows up: at a non-finite loss, or once the mean loss of its last
+``DIVERGENCE_WINDOW`` steps exceeds ``divergence_factor`` times the mean of its first
+``DIVERGENCE_WINDOW`` steps (that mean floored at ``DIVERGENCE_FLOOR``, so a client that starts
+near zero loss is not stopped by one hard batch). The metrics then say ``diverged`` and the
+server drops the reply.
 """
 
 from __future__ import annotations
@@ -49,6 +57,40 @@ log = logging.getLogger(__name__)
 # Backward costs about twice the forward, so one training pass costs ~3x its forward MACs.
 TRAIN_MACS_PER_FORWARD = 3
 OPTIMIZERS = ("corner", "sgd")
+DIVERGENCE_WINDOW = 5  # steps in the reference mean (first steps) and in the current mean
+DIVERGENCE_FLOOR = 0.1  # the least reference loss a blow-up is measured against
+
+
+class DivergenceCheck:
+    """Watches a client's step losses: ``add(loss)`` returns True once training has diverged."""
+
+    def __init__(self, factor: float, window: int = DIVERGENCE_WINDOW,
+                 floor: float = DIVERGENCE_FLOOR) -> None:
+        if not factor >= 0:
+            raise ValueError(f"divergence factor {factor!r}: allowed a number >= 0 (0: off)")
+        self.factor, self.window, self.floor = factor, window, floor
+        self.losses: list[float] = []
+        self.first: float | None = None  # mean of the first ``window`` steps
+
+    def add(self, loss: float) -> bool:
+        """Record one step's loss; whether the client has diverged."""
+        self.losses.append(loss)
+        if not np.isfinite(loss):
+            return True
+        if self.factor == 0:
+            return False
+        if self.first is None and len(self.losses) == self.window:
+            self.first = float(np.mean(self.losses))
+        if self.first is None:
+            return False
+        recent = float(np.mean(self.losses[-self.window:]))
+        return recent > self.factor * max(self.first, self.floor)
+
+    def metrics(self) -> dict[str, float]:
+        """What the check saw: the last loss and the first steps' mean (NaN before it is set)."""
+        return {"diverged-loss": self.losses[-1] if self.losses else float("nan"),
+                "diverged-step": len(self.losses),
+                "first-loss": float("nan") if self.first is None else self.first}
 
 
 @dataclass(frozen=True)
@@ -59,7 +101,9 @@ class Recipe:
     ``sampler`` draws each step's rank prefix; ``distill`` turns on the self-distilling loss;
     ``hgl_lambda`` the hierarchical group lasso, with ``hgl_beyond`` the server's constants for the
     components past the client's; ``classes`` masks the loss to the client's classes (HeteroFL);
-    ``max_steps`` stops training after that many steps (a straggler's partial work).
+    ``max_steps`` stops training after that many steps (a straggler's partial work);
+    ``clip_grad_norm`` > 0 clips every step's gradient norm; ``divergence_factor`` stops a client
+    whose loss blows up (``DivergenceCheck``; 0: only at a non-finite loss).
     """
 
     sampler: str | Sampler = "single-layer"
@@ -74,6 +118,8 @@ class Recipe:
     optimizer: str = "corner"
     precision: str = "fp32"
     max_steps: int | None = None
+    clip_grad_norm: float = 0.0
+    divergence_factor: float = 0.0
 
 
 def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
@@ -84,8 +130,8 @@ def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
 
     Metrics: ``loss`` (mean per example of the last epoch), ``accuracy`` (of the pass trained on
     labels), ``examples`` (training-set size), ``steps``, ``seconds``, ``macs`` (training MACs,
-    the same per step as ``planned_step_macs`` predicts) and ``coverage`` (per layer, the steps
-    whose loss reached each component).
+    the same per step as ``planned_step_macs`` predicts), ``coverage`` (per layer, the steps
+    whose loss reached each component) and ``diverged`` (with what the check saw, when True).
     """
     sampler, epochs, distill, hgl_lambda = (recipe.sampler, recipe.epochs, recipe.distill,
                                             recipe.hgl_lambda)
@@ -98,7 +144,8 @@ def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
     check_precision(precision)
     fmt = use_fast_layout(model)  # before make_step: momentum buffers take the parameters' layout
     step = make_step(model, recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
-                     max_ranks)
+                     max_ranks, recipe.clip_grad_norm)
+    watch = DivergenceCheck(recipe.divergence_factor)
     device = next(model.parameters()).device
     full_macs = model.cost(max_ranks, "macs")
     absent = None
@@ -107,12 +154,12 @@ def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
         absent[list(classes)] = False
     passes = StepPasses(model, max_ranks, absent)
     step_cost = _cached_costs(model)
-    start, steps, macs = time.perf_counter(), 0, 0
+    start, steps, macs, diverged = time.perf_counter(), 0, 0, False
     coverage = StepCounter(max_ranks)
     loss_sum, correct, seen = 0.0, 0, 0
     model.train()
     for epoch in range(epochs):
-        if steps == max_steps:
+        if steps == max_steps or diverged:
             break
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:
@@ -127,15 +174,21 @@ def train(model: RankedModel, loader: Iterable, recipe: Recipe = Recipe(),
                                                             precision))
             steps += 1
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_value = loss.item()
+            loss_sum += loss_value * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             macs += step_macs(len(y), step_cost(ranks), full_macs, distill)
+            if watch.add(loss_value):
+                diverged = True
+                log.warning("training diverged at step %d: %s", steps, watch.metrics())
+                break
         log.debug("epoch %d/%d: loss %.4f over %d examples", epoch + 1, epochs,
                   loss_sum / max(seen, 1), seen)
     model.set_ranks(max_ranks)
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
             "examples": seen, "steps": steps, "seconds": time.perf_counter() - start,
-            "macs": float(macs), "coverage": coverage.counts}
+            "macs": float(macs), "coverage": coverage.counts, "diverged": diverged,
+            **(watch.metrics() if diverged else {})}
 
 
 def step_macs(batch: int, sampled_macs: float, full_macs: float, distill: bool) -> float:
@@ -169,9 +222,12 @@ def planned_step_macs(model: RankedModel, max_ranks: Mapping[str, int],
 
 
 def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, weight_decay: float,
-              max_ranks: Mapping[str, int]) -> Callable:
+              max_ranks: Mapping[str, int], clip_grad_norm: float = 0.0) -> Callable:
     """``step(trained, closure)``: one update of the parameters from the loss ``closure()`` returns
-    (with the logits), ``trained`` being the ranks that loss reaches."""
+    (with the logits), ``trained`` being the ranks that loss reaches. ``clip_grad_norm`` > 0
+    clips the gradient's total norm (over what the step trained) before the update."""
+    if not clip_grad_norm >= 0:
+        raise ValueError(f"clip_grad_norm={clip_grad_norm!r}: allowed a number >= 0 (0: off)")
     if optimizer == "corner":
         corner_sgd = CornerSGD(model, lr, momentum, weight_decay)
         shapes: dict[tuple, dict] = {}  # per trained ranks; the model's layout is fixed meanwhile
@@ -183,6 +239,8 @@ def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, we
             with corner_view(model, shapes[key], corner_sgd.slots):
                 loss, logits = closure()
                 loss.backward()
+                if clip_grad_norm:  # the views' gradients: exactly what this step trained
+                    _clip(model.parameters(), clip_grad_norm)
                 corner_sgd.step()
             return loss, logits
         return corner_step
@@ -194,11 +252,18 @@ def make_step(model: RankedModel, optimizer: str, lr: float, momentum: float, we
             loss, logits = closure()
             sgd.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad_norm:  # before weight decay, as torch.optim.SGD adds it in its step
+                _clip(model.parameters(), clip_grad_norm)
             _decay_corners(model, corners, weight_decay)
             sgd.step()
             return loss, logits
         return sgd_step
     raise ValueError(f"optimizer={optimizer!r} is not allowed; expected one of {OPTIMIZERS}")
+
+
+def _clip(parameters: Iterable[torch.Tensor], max_norm: float) -> None:
+    """Scale the gradients so their total 2-norm is at most ``max_norm``."""
+    torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
 
 
 @torch.no_grad()

@@ -45,6 +45,11 @@ class WidthModel(RankedModel):
         return {n: m for n, m in self.named_modules()
                 if isinstance(m, WidthLayer) and m.sliceable_out}
 
+    def normalised_layers(self) -> set[str]:
+        """The sliced layers whose output goes straight into a normalisation layer (none here:
+        the MLP, CNN and LeNet have no norm layers)."""
+        return set()
+
     def low_rank_layers(self) -> dict[str, LowRankLayer]:
         """None: width layers are dense, so factor-only features are refused by name."""
         raise NotFactorised(f"{type(self).__name__} has no low-rank layers: {WIDTH_MODELS_SUPPORT}")
@@ -261,6 +266,10 @@ class WidthResNet18(WidthModel):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = WidthLinear(in_width, num_classes, sliceable_out=False)
 
+    def normalised_layers(self) -> set[str]:
+        """Every conv: each is followed by its GroupNorm (stem, blocks and shortcuts)."""
+        return set(self.ranked_layers())
+
     stages, forward = ResNet18.stages, ResNet18.forward  # the same network as models.ResNet18
 
 
@@ -278,11 +287,24 @@ def build_width_model(name: str, input_shape: tuple[int, ...], num_classes: int,
                                   widths=widths)
 
 
-def set_scaler(model: WidthModel, global_widths: Mapping[str, int]) -> None:
-    """HeteroFL's scaler: in training, every sliced layer divides its output by its rate, the
-    width it holds over the global width (``global_widths``, e.g. the full model's max ranks)."""
-    for name, layer in model.ranked_layers().items():
+def set_scaler(model: WidthModel, global_widths: Mapping[str, int]) -> list[str]:
+    """HeteroFL's scaler where its paper places it: in training, a sliced layer whose output goes
+    into a normalisation layer divides that output by its rate (the width it holds over the
+    global width, ``global_widths``); returns the layers scaled.
+
+    HeteroFL always has conv -> scaler -> norm: the norm removes the scale again, so the scaler
+    only evens out the sub-model's statistics in training. A layer with no norm after it gets no
+    scaler: there the division by the rate would not be undone, the next layer's scaler would
+    multiply it (a rate-0.44 conv1 and 0.42 conv2 and fc give a tier-0.2 client's classifier
+    inputs 1 / (0.44 * 0.42 * 0.42) = 12.8 times their evaluation size, not 1 / 0.42), and the
+    model would be trained on activations it never sees at evaluation, where the scaler is off.
+    So the MLP, CNN and LeNet train unscaled; ResNet-18's convs (all before a GroupNorm) scale.
+    """
+    scaled = sorted(model.normalised_layers())
+    for name in scaled:
+        layer = model.ranked_layers()[name]
         layer.train_scale = layer.max_rank / global_widths[name]
+    return scaled
 
 
 def width_model_from_arrays(name: str, input_shape: tuple[int, ...], num_classes: int,

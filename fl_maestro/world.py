@@ -37,11 +37,11 @@ from fl_maestro.devices import DEFAULT_TIER, DeviceProfile, check_profiles, pars
 
 POLICIES = ("wait", "drop", "partial")
 # Every sampled client's outcome, a row of clients.csv each: merged (ok, partial), decided before
-# training (straggler, dropout), or seen in its reply (error, invalid, timeout: the strategy's
-# failed replies, strategies.plan.FAILED).
+# training (straggler, dropout), or seen in its reply (error, invalid, timeout, diverged: the
+# strategy's failed replies, strategies.plan.FAILED).
 MERGED = ("ok", "partial")
 BEFORE_TRAINING = ("straggler", "dropout")
-OUTCOMES = MERGED + BEFORE_TRAINING + ("error", "invalid", "timeout")
+OUTCOMES = MERGED + BEFORE_TRAINING + ("error", "invalid", "timeout", "diverged")
 DROPPED = tuple(o for o in OUTCOMES if o not in MERGED)  # counted as dropped-<outcome>
 
 

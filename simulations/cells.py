@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -17,6 +17,7 @@ class Cell:
     supernodes: int
     run_config: Mapping[str, Any]
     num_rounds: int
+    tuned: Mapping[str, Any] = field(default_factory=dict)  # values chosen by the tuning step
 
 
 RunCell = Callable[[Cell, bool], int]  # (cell, resume) -> exit code; 0 means the run finished

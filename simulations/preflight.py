@@ -17,7 +17,7 @@ from typing import Any
 from fl_maestro import streams
 from fl_maestro.budgets import assign_budgets
 from fl_maestro.config import RunConfig, parse_run_config
-from fl_maestro.data import load_dataset
+from fl_maestro.data import load_dataset, partition_indices
 from fl_maestro.federation import resume_changes
 from fl_maestro.methods import get_method
 from fl_maestro.results import RunLock, RunStore
@@ -49,6 +49,7 @@ def preflight(run_config: Mapping[str, Any], supernodes: int | None = None) -> N
         raise PreflightError(f"dataset {cfg.dataset!r} cannot be loaded: {err}") from None
     if supernodes is not None:
         _check_nodes(cfg, supernodes, saved_nodes)
+        _check_partitions(cfg, supernodes)
 
 
 def _check_writable(folder: Path) -> None:
@@ -104,6 +105,29 @@ def _check_nodes(cfg: RunConfig, supernodes: int, saved_nodes: Mapping | None) -
         raise PreflightError(f"clients-per-round = {cfg.clients_per_round} but only "
                              f"{taking_part} of {supernodes} nodes take part under strategy "
                              f"{cfg.strategy!r}: lower it or pass more --supernodes")
+
+
+def _check_partitions(cfg: RunConfig, supernodes: int) -> None:
+    """Every client gets at least one training example: the partitioning every ClientApp would
+    make (and fail at, minutes later) is made here once, and refused naming its keys."""
+    _, y_train, _, _ = load_dataset(cfg.dataset)
+    keys = (f"partitioner = {cfg.partitioner!r}, alpha = {cfg.alpha}, --supernodes = "
+            f"{supernodes} ({len(y_train)} training examples of {cfg.dataset!r})")
+    if supernodes > len(y_train):
+        raise PreflightError(f"{keys}: more clients than training examples; lower --supernodes")
+    if cfg.partitioner == "iid":  # equal shards: one example each whenever clients <= examples
+        return
+    seed = streams.seed_int(cfg.seed, "partition")  # the clients' own partitioning (~2 s)
+    try:
+        parts = partition_indices(y_train, supernodes, cfg.partitioner, cfg.alpha,
+                                  cfg.classes_per_client, seed)
+    except ValueError as err:
+        raise PreflightError(f"{keys}: the partitioning cannot give every client an example "
+                             f"({err}); raise alpha or lower --supernodes") from None
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise PreflightError(f"{keys}: {len(empty)} clients get no training example (partitions "
+                             f"{empty[:5]}...); raise alpha or lower --supernodes")
 
 
 def absolute_paths(run_config: Mapping[str, Any], base: Path) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accur
                                plot_tier_accuracy, save_figure)
 from simulations.stats import LAST_K, SLOPE_THRESHOLD
 from simulations.page import summary_html, summary_markdown, write_html
+from simulations.tuning import tuning_tables
 from simulations.summary import (NOTES, default_baseline, final_frame, final_table,
                                  group_differences, run_convergence, summary_frame,
                                  tier_differences)
@@ -232,6 +233,10 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
     tables += [("outcomes", "What became of the sampled clients, per budget tier (shares of "
                 "sampled)", outcomes_table(runs)),
                ("device-profiles", "Device profiles of the simulated clock", profiles_table(runs))]
+    tuned = tuning_tables(paths)
+    if not tuned.empty:
+        tables.append(("tuning", "Tuning: every method x grid point, validation accuracy of the "
+                       "final round (tuning seed; 'chosen' is what the comparison ran)", tuned))
     for name, _, table in tables:
         table.to_csv(out / f"{name}.csv", index=False)
     base = (baseline or default_baseline(finals)) if finals["group"].nunique() > 1 else None
@@ -319,8 +324,9 @@ def _notes(legend: str, last_k: int, slope_threshold: float, runs: Sequence[Run]
                           if r.config.get("deadline-policy", "wait") != "wait" else "")
                        for r in runs})
     return [f"Groups: runs differ in {legend or 'the keys named in each group label'}; seed aside. "
-            f"Final accuracy is the mean over each run's last {last_k} evaluated rounds (the "
-            "last round alone beside it), then the mean over the group's seeds.",
+            f"Final accuracy is taken at the horizon: the mean over each run's last {last_k} "
+            "evaluated rounds within its final fifth of rounds (the last round alone beside "
+            "it), then the mean over the group's seeds.",
             NOTES,
             f"Converged: the slope of the run's accuracy (mean over its tiers), smoothed by a "
             f"trailing mean of 5 evaluated rounds and fitted over its last fifth of rounds, is "

@@ -88,7 +88,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("strategies", "rank-wise Maestro against the FedAvg, FjORD and HeteroFL baselines",
              axes=(axis("strategy", STRATEGY_NAMES),)),
     Scenario("comparison", "the reference comparison: rank-wise with and without Maestro's "
-             "distillation and HGL against the five baselines, equal budgets, 5 seeds; run it "
+             "distillation and HGL, and with the tier-aware sampler, against the seven baselines, "
+             "equal budgets, 5 seeds; tune it first (--tune, simulations.tuning) and run it "
              "with --until-converged (its num-rounds is the first chunk)",
              overrides={"num-rounds": 40, "eval-every": 5}, seeds=(0, 1, 2, 3, 4),
              axes=(grouped_axis("method", {
@@ -96,11 +97,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                  "rankwise-plain-od": {"strategy": "rankwise", "distill": False},
                  "rankwise-distill-hgl": {"strategy": "rankwise", "distill": True,
                                           "hgl-lambda": 1e-4},
-                 "fedavg-full": {"strategy": "fedavg-full"},
+                 "rankwise-tier-grid": {"strategy": "rankwise", "sampler": "tier-grid"},
+                 "fedavg-full": {"strategy": "fedavg-full"},  # the dense model
+                 "fedavg-full-factors": {"strategy": "fedavg-full-factors"},
                  "fedavg-smallest": {"strategy": "fedavg-smallest"},
                  "fedavg-exclusive": {"strategy": "fedavg-exclusive"},
                  "fjord": {"strategy": "fjord"},
-                 "heterofl": {"strategy": "heterofl"}}),)),
+                 "heterofl": {"strategy": "heterofl"},
+                 "fedrolex": {"strategy": "fedrolex"}}),)),
     Scenario("reference", "budget mixes x non-IID levels for the rank-wise strategy, 5 seeds; "
              "run it with --until-converged (its num-rounds is the first chunk)",
              overrides={"num-rounds": 40, "eval-every": 5}, seeds=(0, 1, 2, 3, 4),

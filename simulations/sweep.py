@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ from fl_maestro.world import load_world
 from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
 from simulations.cells import Cell, RunCell
+from simulations.tuning import (TUNING_DIR, Tuning, add_tuning_arguments, choices, choose,
+                                diverged_clients, tuning_from_args, tuning_scenario,
+                                validation_scores, write_table)
 from simulations.launch import exit_on_sigterm, parse_overrides
 from simulations.runners import FlowerCells, InProcessCells
 from simulations.scenarios import SUPERNODES, Axis, Level, Scenario, get_scenario, label
@@ -184,10 +188,13 @@ def check_existing(cells: Sequence[Cell], out_dir: Path) -> None:
 
 
 def run_sweep(cells: Sequence[Cell], run_cell: RunCell, out_dir: Path,
-              until: Until | None = None) -> pd.DataFrame:
-    """Run every unfinished cell through ``run_cell``; returns (and writes) the cells table.
+              until: Until | None = None, jobs: int = 1) -> pd.DataFrame:
+    """Run every unfinished cell through ``run_cell``, ``jobs`` at a time; returns (and writes)
+    the cells table.
 
     With ``until`` a cell is finished only once it converged or reached the cap."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r}: allowed an integer >= 1")
     check_existing(cells, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_cells(out_dir)
@@ -195,13 +202,22 @@ def run_sweep(cells: Sequence[Cell], run_cell: RunCell, out_dir: Path,
     todo = [c for c in cells if records[c.cell_id]["status"] != "done"]
     log.info("%d cells: %d already done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     _write_cells(out_dir, records)
-    started = time.monotonic()
-    for i, cell in enumerate(todo, 1):
-        log.info("cell %d/%d: %s", i, len(todo), cell.cell_id)
-        records[cell.cell_id] = _run_one(cell, run_cell, out_dir, until)
-        _write_cells(out_dir, records)
-        gather(cells, out_dir)
-        _log_progress(records, i, len(todo), started)
+    started, done = time.monotonic(), 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # one job: one cell after another
+        pending = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < jobs:
+                cell = queue.pop(0)
+                log.info("cell %d/%d: %s", len(todo) - len(queue), len(todo), cell.cell_id)
+                pending[pool.submit(_run_one, cell, run_cell, out_dir, until)] = cell
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:  # records and tables are written by this thread only
+                records[pending.pop(future).cell_id] = future.result()
+                done += 1
+                _write_cells(out_dir, records)
+                gather(cells, out_dir)
+                _log_progress(records, done, len(todo), started)
     if not todo:
         gather(cells, out_dir)
     return pd.DataFrame(records.values())
@@ -219,7 +235,7 @@ def _record(cell: Cell, out_dir: Path, previous: Mapping[str, Any],
             status = "partial"
     kept = previous.get("status") == status and status != "pending"
     return {"cell-id": cell.cell_id, **cell.axes, "seed": cell.seed, "supernodes": cell.supernodes,
-            "status": status, "rounds": rnd, "num-rounds": cell.num_rounds, **extra,
+            **{f"tuned-{k}": v for k, v in cell.tuned.items()}, "status": status, "rounds": rnd, "num-rounds": cell.num_rounds, **extra,
             "seconds": previous.get("seconds") if kept else None,
             "error": previous.get("error") if kept and status != "done" else None}
 
@@ -317,6 +333,49 @@ def gather(cells: Sequence[Cell], out_dir: Path) -> dict[str, pd.DataFrame]:
     return gathered
 
 
+# --------------------------------------------------------------------------- tuning
+
+
+def tune(scenario: Scenario, cells: Sequence[Cell], tuning: Tuning, out: Path, run_cell: RunCell,
+         jobs: int = 1) -> tuple[list[Cell], pd.DataFrame]:
+    """Run the grid for every method, choose each method's point; the comparison's cells at
+    their method's choice, and the tuning table (also written to ``<out>/tuning/table.csv``)."""
+    folder = out / TUNING_DIR
+    grid_scenario = tuning_scenario(scenario, tuning)
+    method_axes = [ax.name for ax in scenario.axes]
+    grid_keys = list(tuning.grid)
+    tuning_cells = build_cells(grid_scenario, [tuning.seed], folder)
+    status = run_sweep(tuning_cells, run_cell, folder, jobs=jobs)
+    labels = [*method_axes, *grid_keys]
+    evaluation = pd.read_csv(folder / "evaluation.csv", dtype={c: str for c in labels}) \
+        if (folder / "evaluation.csv").exists() else pd.DataFrame(columns=[*labels, "metric"])
+    scores = validation_scores(evaluation, method_axes, grid_keys)
+    scores = scores.merge(diverged_clients(folder, labels), on=labels, how="left")
+    # Failed points stay in the table with no accuracy, so the grid is complete on the page.
+    every = status[["cell-id", *labels, "status"]].astype({c: str for c in labels})
+    scores = every.merge(scores, on=labels, how="left")
+    order = [{k: str(v) for k, v in point.items()} for point in tuning.points()]
+    table = choose(scores.dropna(subset=["val-accuracy"]), method_axes, grid_keys, order)
+    table = scores.merge(table[[*labels, "chosen"]], on=labels, how="left")
+    table["chosen"] = table["chosen"].fillna(False).astype(bool)
+    write_table(table.assign(**{"tuning-seed": tuning.seed, "horizon": tuning.rounds}), folder)
+    chosen = choices(table, method_axes, tuning.grid)
+    missing = sorted({tuple(c.axes[a] for a in method_axes) for c in cells} - set(chosen))
+    if missing:
+        raise RuntimeError(f"tuning found no usable grid point for {missing}: every run failed "
+                           f"(see {folder / 'cells.csv'})")
+    tuned = [with_choice(c, chosen[tuple(c.axes[a] for a in method_axes)]) for c in cells]
+    return tuned, table
+
+
+def with_choice(cell: Cell, choice: Mapping[str, Any]) -> Cell:
+    """The cell run at the tuned values (validated as a run config)."""
+    run_config = {**cell.run_config, **choice}
+    parse_run_config(run_config)
+    return replace(cell, run_config=run_config, tuned=dict(choice))
+
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -364,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=20, help="rounds added per step (default 20)")
     parser.add_argument("--slope-threshold", type=float, default=SLOPE_THRESHOLD,
                         help="converged: |slope| of the smoothed accuracy per round under this")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at once (inprocess runner only; default 1)")
+    add_tuning_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -376,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         check_existing(cells, out)
         until = (Until(args.until_converged, args.chunk, args.slope_threshold)
                  if args.until_converged else None)
+        tuning = tuning_from_args(args, seeds)
+        if args.jobs != 1 and args.runner != "inprocess":
+            raise ValueError(f"--jobs {args.jobs}: cells run side by side only with "
+                             "--runner inprocess (the flower runner shares one SuperLink)")
     except ValueError as exc:
         parser.error(str(exc))
     if not args.dry_run:
@@ -388,7 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     runner = (FlowerCells(args.cpus_per_client, args.timeout) if args.runner == "flower"
               else InProcessCells(args.threads, args.timeout))
     with runner:
-        table = run_sweep(cells, runner, out, until)
+        if tuning is not None:
+            cells, tuned = tune(scenario, cells, tuning, out, runner, args.jobs)
+            print(tuned.to_string(index=False))
+            if args.tune_only:
+                return 0
+        table = run_sweep(cells, runner, out, until, args.jobs)
     print(table.drop(columns=["error"]).to_string(index=False))
     return 0 if (table["status"] == "done").all() else 1
 

@@ -1,10 +1,13 @@
 """The one merge rule of every strategy: weighted mean over the replies that cover each element.
 
-Each reply array is a *leading corner* of its global array (it covers ``[:a0, :a1, ...]``). The
-rank-wise strategy cuts only the rank axis of the factors ``<layer>.U`` (axis 1) and
-``<layer>.V`` (axis 0), so the merge is "average the ordered factors rank by rank"; with every
-reply at full size it is FedAvg; with width-sliced models (FjORD, HeteroFL) it is their slice
-averaging. Everything here is pure numpy on dicts of named arrays.
+Each reply array covers a part of its global array: by default its *leading corner*
+(``[:a0, :a1, ...]``), or, when the server sent it a *window*, the elements at the window's
+indices on every axis (``global[np.ix_(i0, i1, ...)]``: FedRolex's rolling window of channels,
+which wraps around the end of a layer). The rank-wise strategy cuts only the rank axis of the
+factors ``<layer>.U`` (axis 1) and ``<layer>.V`` (axis 0), so the merge is "average the ordered
+factors rank by rank"; with every reply at full size it is FedAvg; with width-sliced models
+(FjORD, HeteroFL) it is their slice averaging, and with windows FedRolex's. Everything here is
+pure numpy on dicts of named arrays.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 Arrays = dict[str, np.ndarray]
 ArrayMap = Mapping[str, np.ndarray]
 Replies = Sequence[tuple[ArrayMap, float]]
+# Per axis, the (distinct) global indices an array's reply covers, in the reply's own order.
+Window = tuple[np.ndarray, ...]
 
 _FACTOR_AXES = {".U": 1, ".V": 0}
 
@@ -98,6 +103,39 @@ def corner_arrays(global_arrays: ArrayMap, shapes: Mapping[str, Sequence[int]]) 
         if not _is_corner(shape, g.shape):
             raise ValueError(f"{name!r}: shape {shape} is not a leading corner of {g.shape}")
         out[name] = np.array(slice_corner(g, shape), copy=True, order="C")
+    return out
+
+
+def check_window(name: str, window: Sequence[np.ndarray], full_shape: Sequence[int]) -> Window:
+    """``window`` as int64 index arrays, one per axis of ``full_shape``, each non-empty, distinct
+    and in range; ValueError naming the array and axis otherwise."""
+    if len(window) != len(full_shape):
+        raise ValueError(f"{name!r}: window has {len(window)} axes, the array has "
+                         f"{len(full_shape)} {tuple(full_shape)}")
+    out = []
+    for axis, (idx, size) in enumerate(zip(window, full_shape)):
+        idx = np.asarray(idx)
+        if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"{name!r}: window axis {axis} must be a non-empty 1-D integer "
+                             f"array, got {idx!r}")
+        if idx.min() < 0 or idx.max() >= size or np.unique(idx).size != idx.size:
+            raise ValueError(f"{name!r}: window axis {axis} must hold distinct indices in "
+                             f"0..{size - 1}, got {idx.tolist()}")
+        out.append(idx.astype(np.int64, copy=False))
+    return tuple(out)
+
+
+def window_arrays(global_arrays: ArrayMap, windows: Mapping[str, Sequence[np.ndarray]]) -> Arrays:
+    """Each array at its window (``global[np.ix_(*window)]``; whole if absent); C-order copies."""
+    unknown = sorted(set(windows) - set(global_arrays))
+    if unknown:
+        raise ValueError(f"windows name unknown arrays: {unknown}")
+    out: Arrays = {}
+    for name, g in global_arrays.items():
+        if name in windows:
+            out[name] = np.ascontiguousarray(g[np.ix_(*check_window(name, windows[name], g.shape))])
+        else:
+            out[name] = np.array(g, copy=True, order="C")
     return out
 
 
@@ -206,41 +244,66 @@ def _check_factor_ranks(global_arrays: ArrayMap, arrays: ArrayMap) -> None:
 
 
 def merge_nested(global_arrays: ArrayMap, replies: Replies,
-                 rows: Sequence[Mapping[str, np.ndarray] | None] | None = None) -> Arrays:
+                 rows: Sequence[Mapping[str, np.ndarray] | None] | None = None,
+                 windows: Sequence[Mapping[str, Sequence[np.ndarray]] | None] | None = None
+                 ) -> Arrays:
     """Per element, the weighted mean of the replies covering it; uncovered elements stay.
 
-    ``rows[i]``, when given, narrows what reply ``i`` covers of the arrays it names to those
-    rows (indices on axis 0) of its corner: HeteroFL merges a client's output layer only on the
-    rows of the classes in its data.
+    A reply covers the leading corner of its shape, or, for an array named in ``windows[i]``,
+    the window's indices on every axis (its element ``[j0, j1, ...]`` is the global element
+    ``[w0[j0], w1[j1], ...]``). ``rows[i]``, when given, narrows what reply ``i`` covers of the
+    arrays it names to those rows (positions on axis 0 of the reply): HeteroFL and FedRolex
+    merge a client's output layer only on the rows of the classes in its data.
     """
     replies = list(replies)  # walked once per array, so a generator must not run dry
     rows = [None] * len(replies) if rows is None else list(rows)
-    if len(rows) != len(replies):
-        raise ValueError(f"rows has {len(rows)} entries for {len(replies)} replies")
+    windows = [None] * len(replies) if windows is None else list(windows)
+    for what, given in (("rows", rows), ("windows", windows)):
+        if len(given) != len(replies):
+            raise ValueError(f"{what} has {len(given)} entries for {len(replies)} replies")
     for arrays, weight in replies:
         if not (isinstance(weight, numbers.Real) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"reply weight {weight!r} is not allowed: use a finite number > 0")
         missing = set(global_arrays) - set(arrays)
         if missing:
             raise ValueError(f"a reply lacks the arrays {sorted(missing)}")
-    return {name: _merge_array(name, g, replies, [r.get(name) if r else None for r in rows])
+    return {name: _merge_array(name, g, replies, [r.get(name) if r else None for r in rows],
+                               [w.get(name) if w else None for w in windows])
             for name, g in global_arrays.items()}
 
 
+def _covered(name: str, g: np.ndarray, x: np.ndarray, window: Sequence[np.ndarray] | None,
+             only: np.ndarray | None) -> tuple[tuple, np.ndarray]:
+    """The global index a reply array covers and the values it puts there."""
+    if window is None:
+        if not _is_corner(x.shape, g.shape):
+            raise ValueError(f"{name!r}: reply shape {x.shape} is no leading corner of {g.shape}")
+        axes = [np.arange(a) if i == 0 and only is not None else slice(0, a)
+                for i, a in enumerate(x.shape)]
+    else:
+        axes = list(check_window(name, window, g.shape))
+        sizes = tuple(len(i) for i in axes)
+        if sizes != x.shape:
+            raise ValueError(f"{name!r}: reply shape {x.shape} does not match its window {sizes}")
+    if only is not None:  # only these rows (distinct positions on axis 0 of the reply)
+        only = np.asarray(only, dtype=np.int64)
+        axes[0], x = axes[0][only], x[only]
+    if window is None:  # slices, and at most one index array (the rows): basic += semantics
+        return tuple(axes), x
+    # Index arrays on every axis (np.ix_): distinct indices, so += lands on each element once.
+    return np.ix_(*axes), x
+
+
 def _merge_array(name: str, g: np.ndarray, replies: Replies,
-                 rows: Sequence[np.ndarray | None]) -> np.ndarray:
-    """Merge one array in O(received elements): ``acc[:a] += w*x``, ``wsum[:a] += w``."""
+                 rows: Sequence[np.ndarray | None],
+                 windows: Sequence[Sequence[np.ndarray] | None]) -> np.ndarray:
+    """Merge one array in O(received elements): ``acc[idx] += w*x``, ``wsum[idx] += w``."""
     if not replies:
         return g.copy()
     acc = np.zeros(g.shape, dtype=np.float64)
     wsum = np.zeros(g.shape, dtype=np.float64)
-    for (arrays, weight), only in zip(replies, rows):
-        x = arrays[name]
-        if not _is_corner(x.shape, g.shape):
-            raise ValueError(f"{name!r}: reply shape {x.shape} is no leading corner of {g.shape}")
-        index = _corner_index(x.shape)
-        if only is not None:  # only these rows (unique indices) of the corner
-            index, x = (np.asarray(only, dtype=np.int64), *index[1:]), x[only]
+    for (arrays, weight), only, window in zip(replies, rows, windows):
+        index, x = _covered(name, g, arrays[name], window, only)
         # Accumulate in float64 so the result does not depend on the order of the replies.
         acc[index] += np.multiply(x, float(weight), dtype=np.float64)
         wsum[index] += float(weight)

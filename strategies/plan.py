@@ -8,7 +8,9 @@ sampled node sent, the last round's rows kept for the caller. Nothing here impor
 server, torch or ``fl_maestro``.
 
 A reply is usable (``ok``) or failed: ``error`` (the client raised), ``invalid`` (a reply check
-failed) or ``timeout`` (no reply); those are the only outcomes a strategy knows.
+failed), ``timeout`` (no reply) or ``diverged`` (the client's own training stopped on a
+non-finite or exploding loss, ``fl_maestro.training``; never merged); those are the only outcomes
+a strategy knows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 USABLE = ("ok",)
-FAILED = ("error", "invalid", "timeout")
+FAILED = ("error", "invalid", "timeout", "diverged")
 
 # sample(among, count): the strategy's seeded sample of up to ``count`` (default: its clients per
 # round) known, connected nodes, drawn from ``among`` when given, in partition-id order.
@@ -37,6 +39,9 @@ class ClientSpec:
     shapes: Mapping[str, tuple[int, ...]] | None = None
     config: Mapping[str, int | float | str | bool] = field(default_factory=dict)  # sent with it
     max_examples: int | None = None  # its partition's training examples, known at discovery
+    # Per array, the global indices on every axis the client holds (FedRolex's rolling window);
+    # None: the leading corner of ``shapes``.
+    windows: Mapping[str, tuple[Any, ...]] | None = None
 
 
 class Planner(Protocol):

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested,
+from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested, window_arrays,
                               prefix_arrays)
 from strategies.plan import FAILED, USABLE, ClientSpec, FixedPlan, Planner
 from strategies.records import METRICS, nbytes, to_numpy, to_record
@@ -90,8 +90,10 @@ class RankWiseFedAvg(FedAvg):
         self._sent_shapes: dict[int, Arrays] = {}
 
     def client_arrays(self, spec: ClientSpec, global_arrays: Arrays) -> Arrays:
-        """The slice of the global arrays a client trains: the corner of ``spec.shapes``, or the
-        rank prefix of ``spec.ranks`` when no shapes were given."""
+        """The slice of the global arrays a client trains: its window (``spec.windows``), the
+        corner of ``spec.shapes``, or the rank prefix of ``spec.ranks`` when neither is given."""
+        if spec.windows is not None:
+            return window_arrays(global_arrays, spec.windows)
         if spec.shapes is not None:
             return corner_arrays(global_arrays, spec.shapes)
         return prefix_arrays(global_arrays, spec.ranks)
@@ -133,7 +135,7 @@ class RankWiseFedAvg(FedAvg):
         replies' example-weighted training loss and accuracy and their examples.
         """
         by_node = self._replies_by_node(server_round, replies)
-        good, label_rows, rows, lists = [], [], [], []
+        good, label_rows, windows, rows, lists = [], [], [], [], []
         for node_id in sorted(self._bytes_down, key=lambda n: self._clients[n].partition_id):
             row, accepted = self._judge(server_round, node_id, by_node.get(node_id))
             rows.append(row)
@@ -141,12 +143,13 @@ class RankWiseFedAvg(FedAvg):
                 good.append(accepted[:2])
                 label_rows.append(accepted[2])
                 lists.append(accepted[3])
+                windows.append(self._clients[node_id].windows)
         self.planner.replies(server_round, rows, lists)
         metrics = training_metrics(rows, self.weighted_by_key)
         if not good:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
             return None, metrics
-        return to_record(merge_nested(self._sent, good, label_rows)), metrics
+        return to_record(merge_nested(self._sent, good, label_rows, windows)), metrics
 
     def _replies_by_node(self, server_round: int, replies: Iterable[Message]
                          ) -> dict[int, Message]:
@@ -173,6 +176,10 @@ class RankWiseFedAvg(FedAvg):
             row.update(outcome="timeout", reason="no reply before the round's timeout")
         elif message.has_error():
             row.update(outcome="error", reason=f"code {message.error.code}: {message.error.reason}")
+        elif _diverged(message, self.metricrecord_key):
+            metrics = message.content.metric_records[self.metricrecord_key]
+            row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                       outcome="diverged", reason=f"diverged: {_divergence_reason(metrics)}")
         else:
             try:
                 arrays, examples, metrics = self._checked(node_id, message)
@@ -227,9 +234,32 @@ def training_metrics(rows: list[dict], weighted_by_key: str = "num-examples") ->
     if not ok:
         return MetricRecord({})
     weights = np.array([r[weighted_by_key] for r in ok])
-    mean = lambda key: float(np.average([r.get(key, 0.0) for r in ok], weights=weights))  # noqa: E731
-    return MetricRecord({"train-loss": mean("train-loss"), "train-accuracy": mean("train-accuracy"),
+    means = {key: _mean_of_those_with(ok, key, weighted_by_key)
+             for key in ("train-loss", "train-accuracy")}
+    return MetricRecord({**{k: v for k, v in means.items() if v is not None},
                          "examples": float(weights.sum())})
+
+
+def _mean_of_those_with(rows: list[dict], key: str, weight_key: str) -> float | None:
+    """Weighted mean of ``key`` over the rows that report it (None if none does): a reply
+    without it is left out, not averaged in as 0."""
+    having = [r for r in rows if isinstance(r.get(key), (int, float))]
+    if not having:
+        return None
+    return float(np.average([r[key] for r in having], weights=[r[weight_key] for r in having]))
+
+
+def _diverged(message: Message, metricrecord_key: str) -> bool:
+    """Whether the reply says its local training diverged (``diverged`` metric set)."""
+    metrics = message.content.metric_records.get(metricrecord_key)
+    return metrics is not None and bool(metrics.get("diverged", 0))
+
+
+def _divergence_reason(metrics: MetricRecord) -> str:
+    """What the client's divergence check saw, from its reply's metrics."""
+    return (f"loss {float(metrics.get('diverged-loss', float('nan'))):.4g} at step "
+            f"{int(metrics.get('diverged-step', 0))} (first steps' mean "
+            f"{float(metrics.get('first-loss', float('nan'))):.4g})")
 
 
 class WidthFedAvg(RankWiseFedAvg):

@@ -35,14 +35,32 @@ from strategies.records import to_numpy, to_record
 plain_app = ClientApp()
 
 
+class PlainCNN(torch.nn.Module):
+    """The dense CNN in plain PyTorch modules (``models.CNN`` undecomposed): what FedAvg trains."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.conv1 = torch.nn.Conv2d(c, 32, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(32, 64, 3, padding=1)
+        self.fc = torch.nn.Linear(64 * (h // 4) * (w // 4), 128)
+        self.classifier = torch.nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(F.max_pool2d(self.conv1(x), 2))
+        x = torch.relu(F.max_pool2d(self.conv2(x), 2))
+        return self.classifier(torch.relu(self.fc(x.flatten(1))))
+
+
 @plain_app.train()
 def plain_train(msg: Message, context: Context) -> Message:
-    """A plain PyTorch FedAvg client: torch.optim.SGD and cross-entropy on the whole model."""
+    """A plain PyTorch FedAvg client: torch.optim.SGD and cross-entropy on the dense CNN."""
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = node_identity(context)
     server_round = int(msg.content["config"]["server-round"])
-    model = model_from_arrays(cfg.model, DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset],
-                              to_numpy(msg.content["arrays"]))
+    model = PlainCNN(DATASET_SHAPES[cfg.dataset], NUM_CLASSES[cfg.dataset])
+    model.load_state_dict({k: torch.as_tensor(v)
+                           for k, v in to_numpy(msg.content["arrays"]).items()})
     loader, _ = local_loaders(cfg, partition_id, num_partitions, server_round)
     sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -62,7 +80,11 @@ def _overrides(tmp_path, **extra) -> dict:
 
 
 def test_fedavg_full_is_flowers_fedavg_with_a_plain_pytorch_client(tmp_path):
+    """``fedavg-full`` is FedAvg as published: the dense, undecomposed CNN (a plain PyTorch
+    client trains the same state dict), not the factorised model at its maximum ranks."""
     overrides = _overrides(tmp_path, strategy="fedavg-full")
+    assert set(initial_arrays(parse_run_config(overrides))) == set(
+        PlainCNN(DATASET_SHAPES["digits"], 10).state_dict())  # no factors: conv2.weight, ...
     cfg = parse_run_config(overrides)
     run_federation(InProcessGrid(4, overrides), cfg)
     _, ours, _ = RunStore(tmp_path / "run").load_checkpoint()
@@ -220,18 +242,27 @@ def test_masked_loss_gives_absent_classes_no_gradient():
     assert changed.tolist() == [i in (2, 5) for i in range(10)]
 
 
-def test_scaler_divides_sliced_outputs_by_the_rate_in_training_only():
-    full = build_width_model("mlp", (1, 8, 8), 10)
-    half = build_width_model("mlp", (1, 8, 8), 10, widths={"hidden.0": 128, "hidden.1": 32})
-    set_scaler(half, full.max_ranks())
-    layer = half.hidden[1]
-    assert layer.train_scale == 0.25 and half.hidden[0].train_scale == 0.5
-    x = torch.randn(3, 128)
+def test_scaler_divides_outputs_before_a_norm_by_the_rate_in_training_only():
+    """HeteroFL's conv -> scaler -> norm: ResNet-18's convs (each before a GroupNorm) divide by
+    their rate in training; models without norm layers (MLP, CNN) get no scaler, since nothing
+    would undo it and the per-layer factors would compound."""
+    full = build_width_model("resnet18", (3, 8, 8), 10, device="meta")
+    widths = {n: w // 4 if n.startswith("layer4") else w // 2 for n, w in full.max_ranks().items()}
+    half = build_width_model("resnet18", (3, 8, 8), 10, widths=widths)
+    scaled = set_scaler(half, full.max_ranks())
+    assert set(scaled) == set(full.max_ranks())
+    layer = half.layer4[0].conv1
+    assert layer.train_scale == 0.25 and half.conv1.train_scale == 0.5
+    x = torch.randn(2, 64, 4, 4)
     half.eval()
     plain = layer(x)
     half.train()
     torch.testing.assert_close(layer(x), plain / 0.25)
     assert half.classifier.train_scale == 1.0  # the classifier's output is not sliced
+    mlp_full = build_width_model("mlp", (1, 8, 8), 10)
+    mlp = build_width_model("mlp", (1, 8, 8), 10, widths={"hidden.0": 128, "hidden.1": 32})
+    assert set_scaler(mlp, mlp_full.max_ranks()) == []
+    assert mlp.hidden[0].train_scale == mlp.hidden[1].train_scale == 1.0
 
 
 def _two_clients() -> FixedPlan:

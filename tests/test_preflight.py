@@ -95,3 +95,16 @@ def test_the_launcher_refuses_in_seconds(tmp_path: Path) -> None:
     assert "--supernodes = 0: allowed an integer >= 1" in result.stderr
     assert "flower-superlink" not in result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_a_partitioning_that_leaves_a_client_without_examples_is_refused(tmp_path: Path) -> None:
+    """Dirichlet 0.5 over digits' training set for 1000 clients cannot give every client an
+    example: every ClientApp would fail on it after Flower started; the preflight refuses it
+    naming the partitioner, alpha and the number of clients."""
+    config = _config(tmp_path, partitioner="dirichlet", alpha=0.5)
+    with pytest.raises(PreflightError, match=r"partitioner = 'dirichlet', alpha = 0.5, "
+                                             r"--supernodes = 1000 .*cannot give every client"):
+        preflight(config, 1000)
+    with pytest.raises(PreflightError, match="more clients than training examples"):
+        preflight(_config(tmp_path, partitioner="iid"), 100_000)
+    preflight(config, 4)  # a partitioning that works passes

@@ -98,7 +98,8 @@ def test_final_values_last_round_and_last_k_mean() -> None:
                           "accuracy": [0.1, 0.5, 0.6, 0.8, 0.7]})
     other = pd.DataFrame({"run": "r", "level": 0.5, "round": [0, 20],  # evaluated twice only
                           "accuracy": [0.2, 0.4]})
-    table = final_values(pd.concat([curve, other]), ["run", "level"], k=3).set_index("level")
+    table = final_values(pd.concat([curve, other]), ["run", "level"], k=3,
+                         stretch=1.0).set_index("level")
     assert table.loc[1.0, "last"] == pytest.approx(0.7)
     assert table.loc[1.0, "last-k"] == pytest.approx((0.6 + 0.8 + 0.7) / 3)
     assert table.loc[1.0, "first-round-of-k"] == 10 and table.loc[1.0, "k-used"] == 3
@@ -109,6 +110,22 @@ def test_final_values_last_round_and_last_k_mean() -> None:
     assert final_values(curve, ["run"], k=1)["last-k"].iloc[0] == pytest.approx(0.7)
     with pytest.raises(ValueError, match="k=0"):
         final_values(curve, ["run"], k=0)
+
+
+def test_headline_final_accuracy_is_taken_in_the_final_stretch_only() -> None:
+    """A curve still rising: 40 rounds evaluated every 5. The old mean over the last 5 evaluated
+    rounds (20..40) would be 0.70; the headline takes only the final fifth (rounds > 32: 35, 40)."""
+    rising = pd.DataFrame({"run": "r", "round": [0, 5, 10, 15, 20, 25, 30, 35, 40],
+                           "accuracy": [.1, .3, .4, .5, .6, .65, .7, .75, .8]})
+    row = final_values(rising, ["run"]).iloc[0]
+    assert row["last-k"] == pytest.approx((0.75 + 0.8) / 2)
+    assert (row["first-round-of-k"], row["k-used"], row["last"]) == (35, 2, 0.8)
+    every = pd.DataFrame({"run": "r", "round": range(0, 41), "accuracy": np.linspace(0, 0.8, 41)})
+    row = final_values(every, ["run"]).iloc[0]  # k = 5 of rounds 33..40: rounds 36..40
+    assert (row["first-round-of-k"], row["k-used"]) == (36, 5)
+    assert row["last-k"] == pytest.approx(0.02 * 38)
+    with pytest.raises(ValueError, match="stretch=0"):
+        final_values(rising, ["run"], stretch=0)
 
 
 def _saturating(rounds: np.ndarray, scale: float = 10.0) -> np.ndarray:

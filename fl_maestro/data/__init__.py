@@ -26,6 +26,7 @@ from fl_maestro.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 from fl_maestro.data.loaders import Batches, make_loader
 from fl_maestro.data.partition import (
     DIRICHLET_MIN_PARTITION_SIZES, PARTITIONERS, client_partition, partition_indices,
+    validation_rows,
 )
 from fl_maestro.data.registry import DATASET_SHAPES, NUM_CLASSES, load_dataset, load_digits
 
@@ -37,5 +38,5 @@ __all__ = [
     "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "NUM_CLASSES", "PARTITIONERS", "client_partition",
     "download_file", "fashion_mnist_cache_dir", "fashion_mnist_folder", "load_cifar10",
     "load_dataset", "load_digits", "load_fashion_mnist", "make_loader", "partition_indices",
-    "read_idx",
+    "read_idx", "validation_rows",
 ]

@@ -181,3 +181,19 @@ def client_partition(
     shuffled = np.random.default_rng([int(seed), int(partition_id)]).permutation(part)
     num_val = min(int(len(part) * val_fraction), max(len(part) - 1, 0))
     return np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val])
+
+
+def validation_rows(
+    dataset_name: str, num_partitions: int, partitioner: str = "iid", alpha: float = 0.5,
+    classes_per_client: int = 2, seed: int = 0, val_fraction: float = 0.1,
+    root: str | Path | None = None,
+) -> np.ndarray:
+    """The union of every client's validation split: sorted training-set rows that no client
+    trains on (what the server evaluates on to tune without the test set)."""
+    pool = np.concatenate([
+        client_partition(dataset_name, i, num_partitions, partitioner, alpha, classes_per_client,
+                         seed, val_fraction, root)[1] for i in range(num_partitions)])
+    if pool.size == 0:
+        raise ValueError(f"val_fraction={val_fraction!r} leaves every client's validation split "
+                         "empty; expected a fraction that keeps some examples")
+    return np.sort(pool)
