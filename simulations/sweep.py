@@ -39,6 +39,7 @@ from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
 from simulations.cells import Cell, RunCell
 from simulations.tuning import (TUNING_DIR, Tuning, add_tuning_arguments, choices, choose,
+                                chosen_from_table,
                                 diverged_clients, tuning_from_args, tuning_scenario,
                                 validation_scores, write_table)
 from simulations.launch import exit_on_sigterm, parse_overrides
@@ -368,6 +369,17 @@ def tune(scenario: Scenario, cells: Sequence[Cell], tuning: Tuning, out: Path, r
     return tuned, table
 
 
+def tuned_cells(scenario: Scenario, cells: Sequence[Cell], table_path: Path
+                ) -> tuple[list[Cell], pd.DataFrame]:
+    """The cells at their method's choice in a finished tuning table, and the table."""
+    method_axes = [ax.name for ax in scenario.axes]
+    chosen, table = chosen_from_table(table_path, method_axes)
+    missing = sorted({tuple(c.axes[a] for a in method_axes) for c in cells} - set(chosen))
+    if missing:
+        raise ValueError(f"--tuned {table_path}: no chosen setting for {missing}")
+    return [with_choice(c, chosen[tuple(c.axes[a] for a in method_axes)]) for c in cells], table
+
+
 def with_choice(cell: Cell, choice: Mapping[str, Any]) -> Cell:
     """The cell run at the tuned values (validated as a run config)."""
     run_config = {**cell.run_config, **choice}
@@ -439,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
         until = (Until(args.until_converged, args.chunk, args.slope_threshold)
                  if args.until_converged else None)
         tuning = tuning_from_args(args, seeds)
+        tuned_table = None
+        if args.tuned is not None:
+            if tuning is not None:
+                raise ValueError("--tuned and --tune exclude each other: run at a finished "
+                                 "table's choices, or tune again")
+            cells, tuned_table = tuned_cells(scenario, cells, args.tuned)
         if args.jobs != 1 and args.runner != "inprocess":
             raise ValueError(f"--jobs {args.jobs}: cells run side by side only with "
                              "--runner inprocess (the flower runner shares one SuperLink)")
@@ -446,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if not args.dry_run:
         write_sweep_info(out, scenario, seeds)
+        if tuned_table is not None:  # the report shows what the comparison ran
+            write_table(tuned_table, out / TUNING_DIR)
     if args.dry_run:
         rows = [{"cell-id": c.cell_id, "state": cell_state(out / c.cell_id, c.num_rounds)[0],
                  "supernodes": c.supernodes} for c in cells]

@@ -173,6 +173,9 @@ def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds of each tuning run (default 15)")
     parser.add_argument("--tune-only", action="store_true",
                         help="stop after the tuning table (<out>/tuning/table.csv)")
+    parser.add_argument("--tuned", type=Path, metavar="TABLE.csv",
+                        help="run every method at its choice in a finished tuning table (e.g. "
+                             "results/reference/tuning/table.csv) instead of tuning again")
 
 
 def tuning_from_args(args: argparse.Namespace, seeds: Sequence[int]) -> Tuning | None:
@@ -186,6 +189,28 @@ def tuning_from_args(args: argparse.Namespace, seeds: Sequence[int]) -> Tuning |
         raise ValueError(f"--tune-seed {seed} / --tune-rounds {args.tune_rounds}: allowed a "
                          f"seed >= 0 not among the sweep's seeds {list(seeds)} and rounds >= 1")
     return Tuning(parse_tune(args.tune), seed, args.tune_rounds)
+
+
+def chosen_from_table(path: Path, method_axes: Sequence[str]
+                      ) -> tuple[dict[tuple[str, ...], dict[str, Any]], pd.DataFrame]:
+    """A finished tuning table's choices per method (as ``choices`` gives them) and the table.
+
+    The grid's keys are the table's run-config columns; a method without a chosen row, or with
+    more than one, is an error naming the file."""
+    if not path.is_file():
+        raise ValueError(f"--tuned {path}: no such tuning table")
+    table = pd.read_csv(path)
+    missing = [c for c in (*method_axes, "chosen") if c not in table.columns]
+    if missing:
+        raise ValueError(f"--tuned {path}: the table has no column {missing} (allowed: a "
+                         f"table.csv that --tune wrote for this scenario's axes {list(method_axes)})")
+    grid = {k: tuple(_value(str(v), KEYS[k].default) for v in table[k].unique())
+            for k in table.columns if k in KEYS and k not in method_axes}
+    chosen = table[table["chosen"].astype(str).str.lower() == "true"]
+    counts = chosen.groupby([chosen[a].astype(str) for a in method_axes]).size()
+    if (counts > 1).any():
+        raise ValueError(f"--tuned {path}: more than one chosen row for {list(counts[counts > 1].index)}")
+    return choices(table.assign(chosen=table.index.isin(chosen.index)), method_axes, grid), table
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -283,3 +283,28 @@ def test_tuning_markdown_marks_choice_divergence_and_failure() -> None:
     lines = markdown_table(table).splitlines()
     assert lines[0] == "| method | lr 0.1 | lr 0.2 | lr 0.4 |"
     assert lines[2] == "| `x` | 50.0 | **75.0 (2d)** | failed |"
+
+
+def test_a_finished_tuning_table_sets_each_methods_cells(tmp_path: Path) -> None:
+    """--tuned runs every method at the point its table chose, typed as the key's default."""
+    from simulations.sweep import tuned_cells
+    scenario = Scenario("t", "", overrides={"dataset": "digits"},
+                        axes=(grouped_axis("method", {"rankwise": {"strategy": "rankwise"},
+                                                      "fjord": {"strategy": "fjord"}}),))
+    table = pd.DataFrame({"method": ["rankwise", "rankwise", "fjord", "fjord"],
+                          "lr": [0.05, 0.1, 0.05, 0.1], "momentum": [0.9, 0.0, 0.9, 0.0],
+                          "val-accuracy": [0.8, 0.7, 0.6, 0.9],
+                          "chosen": [True, False, False, True]})
+    path = tmp_path / "table.csv"
+    table.to_csv(path, index=False)
+    cells, read = tuned_cells(scenario, build_cells(scenario, [0, 1], tmp_path), path)
+    got = {(c.axes["method"], c.seed): (c.run_config["lr"], c.run_config["momentum"]) for c in cells}
+    assert got == {("rankwise", 0): (0.05, 0.9), ("rankwise", 1): (0.05, 0.9),
+                   ("fjord", 0): (0.1, 0.0), ("fjord", 1): (0.1, 0.0)}
+    assert all(c.tuned == {"lr": c.run_config["lr"], "momentum": c.run_config["momentum"]}
+               for c in cells)
+    assert len(read) == 4
+    table.loc[3, "chosen"] = False  # fjord has no choice left
+    table.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"no chosen setting for \[\('fjord',\)\]"):
+        tuned_cells(scenario, build_cells(scenario, [0], tmp_path), path)
