@@ -19,7 +19,7 @@ from fl_maestro.budgets import ALLOCATIONS, parse_mix
 from fl_maestro.data import DATASET_SHAPES, PARTITIONERS
 from fl_maestro.models import COST_KINDS, MODELS, RANK_CAPS
 from fl_maestro.precision import PRECISIONS
-from fl_maestro.methods import MERGE_WEIGHTS, METHODS, PAPER_CLIP, TIER_GRID, method_keys
+from fl_maestro.methods import MERGE_WEIGHTS, METHODS, TIER_GRID, get_method, method_keys
 from fl_maestro.sampling import SAMPLER_NAMES
 from fl_maestro.training import OPTIMIZERS
 from fl_maestro.world import POLICIES
@@ -149,12 +149,14 @@ class RunConfig:
                                      "each element over the clients holding it, by count)",
                                      lambda v: v in MERGE_WEIGHTS)
     clip_grad_norm: Any = key("method", "'method' (what the strategy's own code clips at: "
-                              f"{PAPER_CLIP}, others none) or a number >= 0 (the largest "
+                              f"{ {m.name: m.clip for m in METHODS.values() if m.clip} }, others "
+                              "none) or a number >= 0 (the largest "
                               "gradient norm of a local step; 0: no clipping)", _clip)
-    divergence_factor: float = key(10.0, "a number >= 0 (a client stops as 'diverged' when its "
-                                   "loss is non-finite or its last 5 steps' mean loss exceeds "
-                                   "this many times its first 5 steps'; 0: only non-finite)",
-                                   _number(0, math.inf))
+    divergence_factor: float = key(10.0, "0 or a number > 1 (a client stops as 'diverged' when "
+                                   "its loss is non-finite or its last 5 steps' mean loss exceeds "
+                                   "this many times its first 5 steps'; 0: only non-finite; at "
+                                   "or under 1 a healthy client would trip it)",
+                                   lambda v: v == 0 or _number(1, math.inf, low_open=True)(v))
     hgl_lambda: float = key(0.0, "a number >= 0", _number(0, math.inf))
     shrink_every: int = key(0, "an integer >= 0 (rounds between progressive shrinking; 0: off)",
                             _int(0))
@@ -284,6 +286,10 @@ def _check_combination(cfg: RunConfig) -> None:
     if cfg.deadline_policy != "wait" and math.isinf(cfg.round_deadline):
         raise ValueError(f"run-config key 'deadline-policy' = {cfg.deadline_policy!r} needs a "
                          "finite 'round-deadline' (simulated seconds > 0)")
+    models = get_method(cfg.strategy).models
+    if models is not None and cfg.model not in models:
+        raise ValueError(f"run-config key 'model' = {cfg.model!r} is not supported by strategy "
+                         f"{cfg.strategy!r}: allowed {list(models)}")
     for key, strategies in method_keys().items():  # methods registered since import too
         value = getattr(cfg, key.replace("-", "_"))
         if cfg.strategy not in strategies and value != KEYS[key].default:

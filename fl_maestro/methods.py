@@ -26,9 +26,8 @@ from fl_maestro.training import Recipe
 from fl_maestro.width import build_width_model, width_model_from_arrays
 
 TIER_GRID = "tier-grid"  # FjORD's sampler: its ranks come from the server, one grid per client
-# Gradient clipping each method's own code applies (HeteroFL's and FedRolex's clip_grad_norm_(1)).
-PAPER_CLIP = {"heterofl": 1.0, "fedrolex": 1.0}
 HGL_BEYOND = "hgl-beyond"  # per layer, the squared norms of the global components past a client's
+# held ranks: the server's constants that make a client's HGL the global penalty restricted to it
 MERGE_WEIGHTS = ("clients", "examples")
 
 
@@ -78,9 +77,9 @@ class LocalTraining:
 
 def clip_for(cfg: Any) -> float:
     """The gradient-clipping norm a run trains with: ``clip-grad-norm``, or with ``method``
-    what the strategy's own code clips at (``PAPER_CLIP``; 0, no clipping, for the others)."""
+    what the strategy's own code clips at (``Method.clip``; 0: no clipping)."""
     if cfg.clip_grad_norm == "method":
-        return PAPER_CLIP.get(cfg.strategy, 0.0)
+        return get_method(cfg.strategy).clip
     return float(cfg.clip_grad_norm)
 
 
@@ -122,6 +121,8 @@ class Method:
     # (model, ranks, server round) -> per array, the global indices a device holds on every
     # axis (FedRolex's rolling window); None: the leading corner of its ranks.
     windows: Callable[[RankedModel, Mapping[str, int], int], dict] | None = None
+    clip: float = 0.0  # the gradient norm its own code clips every step at (0: none)
+    models: tuple[str, ...] | None = None  # the models it can train (None: every model)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -197,14 +198,14 @@ register(Method(
     "heterofl", "width", "HeteroFL: a static width per device, masked loss, scaler before a norm "
     "layer, gradients clipped to norm 1, count-weighted merge", "HeteroFL (Diao et al., ICLR "
     "2021)", width_ranks, _heterofl_local, merge_weight=lambda cfg: cfg.heterofl_merge_weight,
-    label_rows=lambda cfg: cfg.heterofl_masked_loss, keys=_HETEROFL_KEYS))
+    label_rows=lambda cfg: cfg.heterofl_masked_loss, keys=_HETEROFL_KEYS, clip=1.0))
 register(Method(
     "fedrolex", "width", "FedRolex: a rolling window of each layer's channels, advancing one "
     "channel per round, HeteroFL's recipe (built on its code); tiers deploy the leading window",
     "FedRolex (Alam et al., NeurIPS 2022)", width_ranks, _heterofl_local,
     merge_weight=lambda cfg: cfg.heterofl_merge_weight,
     label_rows=lambda cfg: cfg.heterofl_masked_loss, keys=_HETEROFL_KEYS,
-    windows=window_indices))
+    windows=window_indices, clip=1.0, models=("mlp", "cnn", "lenet")))
 
 
 def method_keys() -> dict[str, tuple[str, ...]]:

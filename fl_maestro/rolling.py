@@ -10,7 +10,7 @@ are the previous layer's output indices; the classifier keeps all its outputs.
 
 Here rounds are the federation's 1-based ``server_round``, so round 1 rolls by 0 (the leading
 channels, HeteroFL's slice) as the reference code's first round does. The width a client keeps of
-each layer is its plan's rank (``plans.plan_ranks``), the same widths HeteroFL gives it.
+each layer is its plan's rank (``methods.width_ranks``), the same widths HeteroFL gives it.
 """
 
 from __future__ import annotations

@@ -66,8 +66,9 @@ class DivergenceCheck:
 
     def __init__(self, factor: float, window: int = DIVERGENCE_WINDOW,
                  floor: float = DIVERGENCE_FLOOR) -> None:
-        if not factor >= 0:
-            raise ValueError(f"divergence factor {factor!r}: allowed a number >= 0 (0: off)")
+        if not (factor == 0 or factor > 1):
+            raise ValueError(f"divergence factor {factor!r}: allowed 0 (only non-finite losses) "
+                             "or a number > 1 (at or under 1 a healthy client's loss trips it)")
         self.factor, self.window, self.floor = factor, window, floor
         self.losses: list[float] = []
         self.first: float | None = None  # mean of the first ``window`` steps

@@ -74,8 +74,14 @@ def _summary_rows(summary: pd.DataFrame) -> tuple[list[float], list[tuple]]:
 
 
 def _legend(summary: pd.DataFrame, baseline: str | None) -> str:
-    legend = (f"Test accuracy in percent: mean of each run's last {summary.attrs.get('k', 1)} "
-              "evaluated rounds, then mean ± 95% t-interval over the n seeds.")
+    attrs = summary.attrs
+    k_min, k_max = attrs.get("k-min", attrs.get("k", 1)), attrs.get("k-max", attrs.get("k", 1))
+    used = f"{k_min}" if k_min == k_max else f"{k_min}-{k_max}"
+    span = (f" (rounds {attrs['first-round']}-{attrs['last-round']})"
+            if "first-round" in attrs else "")
+    legend = (f"Accuracy in percent: mean of each run's last {used} evaluated round(s) within its "
+              f"final fifth of rounds{span}, at most {attrs.get('k', 1)}, then mean ± 95% "
+              "t-interval over the n seeds.")
     if baseline is not None:
         legend += (f" Δ: paired difference from {baseline} on the same seeds, in points; * and "
                    "bold: separated (its 95% interval excludes 0).")

@@ -128,6 +128,8 @@ def _zoomed_points(ax, x, stats: pd.DataFrame, low: float, color, label: str | N
     """Means with 95% whiskers on a zoomed axis; a mean under its floor ``low`` becomes a
     triangle on the floor labelled with its value, so nothing is silently cut off."""
     x = np.asarray(x, dtype=float)
+    present = stats["mean"].notna().to_numpy()  # a group without this tier draws nothing there
+    x, stats = x[present], stats[present]
     inside = (stats["mean"] >= low).to_numpy()
     spread = (stats["n"] > 1).any()
     ax.errorbar(x[inside], stats["mean"][inside], label=label, fmt=marker, color=color,

@@ -130,5 +130,15 @@ def summary_frame(finals: pd.DataFrame, converged: pd.DataFrame,
     runs = rows[["group", "run"]].drop_duplicates().merge(converged, on="run")
     done = runs.groupby("group")["converged"].agg(lambda c: f"{int(c.sum())}/{len(c)}")
     table["converged"] = table["group"].map(done)
-    table.attrs.update(kind=kind, k=finals.attrs.get("k", 1))
+    table.attrs.update(kind=kind, k=finals.attrs.get("k", 1), **rounds_used(rows))
     return table
+
+
+def rounds_used(finals: pd.DataFrame) -> dict[str, int]:
+    """The fewest and most evaluated rounds a final value averaged, and the rounds they span
+    (what the headline number is a mean of, for the report's legend)."""
+    if "k-used" not in finals or finals.empty:
+        return {}
+    return {"k-min": int(finals["k-used"].min()), "k-max": int(finals["k-used"].max()),
+            "first-round": int(finals["first-round-of-k"].min()),
+            "last-round": int(finals["last-round"].max())}

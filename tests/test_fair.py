@@ -308,3 +308,15 @@ def test_a_finished_tuning_table_sets_each_methods_cells(tmp_path: Path) -> None
     table.to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"no chosen setting for \[\('fjord',\)\]"):
         tuned_cells(scenario, build_cells(scenario, [0], tmp_path), path)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, -1.0])
+def test_a_divergence_factor_a_healthy_client_would_trip_is_refused(factor: float) -> None:
+    """At or under 1 the rule flags a client whose loss merely stays put (its recent mean equals
+    its first steps' mean at step 5), so such factors are refused, naming the key."""
+    with pytest.raises(ValueError, match="divergence-factor"):
+        parse_run_config({"divergence-factor": factor})
+    with pytest.raises(ValueError, match="divergence factor"):
+        DivergenceCheck(factor)
+    assert parse_run_config({"divergence-factor": 0.0}).divergence_factor == 0.0
+    assert parse_run_config({"divergence-factor": 1.5}).divergence_factor == 1.5

@@ -133,3 +133,12 @@ def test_fedrolex_trains_every_channel_where_heterofl_trains_the_leading_ones(tm
         assert (evaluation["round"] == 2).any()
     assert not moved["heterofl"][-1] and moved["fedrolex"][-1]
     assert moved["heterofl"][0] and moved["fedrolex"][0]
+
+
+def test_fedrolex_refuses_a_model_its_window_cannot_roll_before_anything_runs() -> None:
+    """ResNet-18 has norm and residual arrays the window cannot follow: refused by the config,
+    naming the key, the value and the models allowed."""
+    from fl_maestro.config import parse_run_config
+    with pytest.raises(ValueError, match=r"'model' = 'resnet18'.*'fedrolex'.*\['mlp', 'cnn', 'lenet'\]"):
+        parse_run_config({"strategy": "fedrolex", "model": "resnet18"})
+    assert parse_run_config({"strategy": "fedrolex", "model": "lenet"}).model == "lenet"

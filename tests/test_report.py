@@ -276,3 +276,17 @@ def test_a_single_runs_report_starts_with_its_tiers(sweep: Path, tmp_path: Path)
     assert parser.rows == [["group", "n", "budget 0.5", "budget 1", "converged"],
                            ["device-mix=mix-a__seed=1", "1", "70.0", "83.8", "0/1"]]
     assert "Δ" not in page[start:page.index("<img")]
+
+
+def test_a_group_without_a_tier_draws_no_point_there() -> None:
+    """Groups with different device mixes: the missing tier is absent, not a 'nan%' marker."""
+    from simulations.plots import plot_tier_accuracy
+    rows = [{"run": f"{g}-{s}", "kind": "tier", "level": level, "group": g, "seed": s,
+             "accuracy": acc + 0.01 * s, "last": acc}
+            for g, levels in {"a": {0.5: 0.80, 1.0: 0.82}, "b": {1.0: 0.81}}.items()
+            for level, acc in levels.items() for s in (0, 1)]
+    fig = plot_tier_accuracy(pd.DataFrame(rows), "", {"a": "C0", "b": "C1"})
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert not any("nan" in t for t in texts), texts
+    drawn = sum(len(line.get_xdata()) for line in fig.axes[0].lines if line.get_marker() == "o")
+    assert drawn == 3  # a at two tiers, b at one
