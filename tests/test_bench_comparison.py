@@ -26,7 +26,9 @@ def test_projection_by_hand() -> None:
 def test_methods_are_the_comparison_scenarios() -> None:
     methods = comparison_methods()
     assert methods["rankwise-plain-od"] == {"strategy": "rankwise", "distill": False}
-    assert len(methods) == 8 and "fedavg-full" in methods
+    assert methods["fedrolex"] == {"strategy": "fedrolex"}
+    assert methods["fedavg-full"] == {"strategy": "fedavg-full"}
+    assert len(methods) == 11  # the comparison's methods, FedRolex and the dense FedAvg among them
 
 
 def test_a_diverging_run_is_recorded_as_failed_and_a_finished_one_costed(tmp_path) -> None:
