@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from fl_maestro.devices import parse_profiles, profiles_for, profiles_frame
+from fl_maestro.methods import METHODS
 from fl_maestro.results import TABLES, RunStore
 from fl_maestro.world import DROPPED, OUTCOMES
 from simulations.diagnostics import (components_frame, coverage_table, full_budget_clients,
@@ -195,6 +196,26 @@ def outcomes_table(runs: Sequence[Run]) -> pd.DataFrame:
                                            if c.name == "group" else c)
 
 
+SETTINGS = ("lr", "momentum", "weight-decay", "batch-size", "local-epochs", "clip-grad-norm")
+
+
+def methods_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """Per group, the method its runs ran as the registry describes it (family, summary, paper)
+    and its optimiser settings (distinct values joined when the group's runs differ)."""
+    rows = []
+    for group in dict.fromkeys(r.group for r in runs):
+        mine = [r for r in runs if r.group == group]
+        strategy = str(mine[0].config.get("strategy", ""))
+        method = METHODS.get(strategy)
+        settings = {k: ", ".join(dict.fromkeys(str(r.config.get(k, "")) for r in mine))
+                    for k in SETTINGS}
+        rows.append({"group": group, "strategy": strategy,
+                     "family": method.family if method else "", "runs": len(mine),
+                     **settings, "summary": method.summary if method else "(not registered)",
+                     "paper": method.paper if method else ""})
+    return pd.DataFrame(rows)
+
+
 def profiles_table(runs: Sequence[Run]) -> pd.DataFrame:
     """The device profiles the runs used, one block per distinct ``device-profiles`` value."""
     frames = []
@@ -230,7 +251,9 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
     components, full = components_frame(runs), full_budget_clients(runs)  # tables and plots
     tables = _tables(runs, wide, finals, converged, baseline, components, full)
     images = _images(runs, wide, finals, legend, colors, out, components, full)
-    tables += [("outcomes", "What became of the sampled clients, per budget tier (shares of "
+    tables += [("methods", "The methods: what each group ran (the method registry) and its "
+                "optimiser settings", methods_table(runs)),
+               ("outcomes", "What became of the sampled clients, per budget tier (shares of "
                 "sampled)", outcomes_table(runs)),
                ("device-profiles", "Device profiles of the simulated clock", profiles_table(runs))]
     tuned = tuning_tables(paths)
@@ -263,7 +286,8 @@ def _folded(tables: list[tuple[str, str, pd.DataFrame]], images: list[tuple[str,
     return [("Accuracy in detail (percent)", accuracy),
             ("More plots", [i for i in images if i[0] not in late]),
             ("Diagnostics", [*diagnostics, *[i for i in images if i[0] in late]]),
-            ("Method", [("How the numbers are made", "\n\n".join(notes))])]
+            ("Method", [*[by_name[n] for n in ("methods", "tuning") if n in by_name],
+                        ("How the numbers are made", "\n\n".join(notes))])]
 
 
 def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,

@@ -290,3 +290,18 @@ def test_a_group_without_a_tier_draws_no_point_there() -> None:
     assert not any("nan" in t for t in texts), texts
     drawn = sum(len(line.get_xdata()) for line in fig.axes[0].lines if line.get_marker() == "o")
     assert drawn == 3  # a at two tiers, b at one
+
+
+def test_the_report_names_each_groups_method_from_the_registry(tmp_path) -> None:
+    """The 'Method' section lists each group's strategy with the registry's family, summary and
+    paper and the runs' optimiser settings."""
+    from fl_maestro.methods import get_method
+    from simulations.report import methods_table
+    from simulations.runs import Run
+    runs = [Run(f"r{i}", tmp_path, {"strategy": s, "lr": lr, "momentum": 0.9}, i, {}, group=s)
+            for i, (s, lr) in enumerate([("fjord", 0.1), ("fjord", 0.1), ("fedrolex", 0.2)])]
+    table = methods_table(runs).set_index("group")
+    assert table.loc["fjord", "runs"] == 2 and table.loc["fjord", "lr"] == "0.1"
+    assert table.loc["fedrolex", "summary"] == get_method("fedrolex").summary
+    assert table.loc["fedrolex", "paper"].startswith("FedRolex (Alam et al.")
+    assert table.loc["fjord", "family"] == "width"
