@@ -447,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds) if args.seeds else list(scenario.seeds)
         out = args.out or Path("results/sweeps") / scenario.name
         cells = build_cells(scenario, seeds, out)
-        check_existing(cells, out)
         until = (Until(args.until_converged, args.chunk, args.slope_threshold)
                  if args.until_converged else None)
         tuning = tuning_from_args(args, seeds)
@@ -457,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--tuned and --tune exclude each other: run at a finished "
                                  "table's choices, or tune again")
             cells, tuned_table = tuned_cells(scenario, cells, args.tuned)
+        if tuning is None:  # a tuned sweep's cells are checked at their tuned settings
+            check_existing(cells, out)
         if args.jobs != 1 and args.runner != "inprocess":
             raise ValueError(f"--jobs {args.jobs}: cells run side by side only with "
                              "--runner inprocess (the flower runner shares one SuperLink)")
@@ -476,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     with runner:
         if tuning is not None:
             cells, tuned = tune(scenario, cells, tuning, out, runner, args.jobs)
+            try:
+                check_existing(cells, out)
+            except ValueError as exc:
+                parser.error(str(exc))
             print(tuned.to_string(index=False))
             if args.tune_only:
                 return 0
