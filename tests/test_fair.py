@@ -320,3 +320,27 @@ def test_a_divergence_factor_a_healthy_client_would_trip_is_refused(factor: floa
         DivergenceCheck(factor)
     assert parse_run_config({"divergence-factor": 0.0}).divergence_factor == 0.0
     assert parse_run_config({"divergence-factor": 1.5}).divergence_factor == 1.5
+
+
+def test_a_tuned_sweep_resumes_with_more_seeds(tmp_path: Path) -> None:
+    """A finished cell made at its tuned lr is the same cell when the sweep is run again with
+    --tuned and another seed: it is not refused as 'made with other settings'."""
+    from simulations.scenarios import get_scenario
+    from simulations.sweep import main, tuned_cells
+    methods = [lv.label for lv in get_scenario("tiny").axes[0].levels]
+    table = pd.DataFrame({"method": methods * 2, "lr": [0.1] * len(methods) + [0.05] * len(methods),
+                          "chosen": [True] * len(methods) + [False] * len(methods)})
+    table.to_csv(tmp_path / "table.csv", index=False)
+    out = tmp_path / "sweep"
+    cells, _ = tuned_cells(get_scenario("tiny"), build_cells(get_scenario("tiny"), [0], out),
+                           tmp_path / "table.csv")
+    done = RunStore(out / cells[0].cell_id)
+    done.write_config(parse_run_config(cells[0].run_config).to_dict())
+    done.save_checkpoint(1, {"w": np.zeros(1, F32)}, {})
+    argv = ["tiny", "--runner", "inprocess", "--out", str(out), "--tuned",
+            str(tmp_path / "table.csv"), "--dry-run"]
+    assert main([*argv, "--seeds", "0,1"]) == 0
+    table.loc[:, "chosen"] = ~table["chosen"]  # now the table says 0.05: the cell differs
+    table.to_csv(tmp_path / "table.csv", index=False)
+    with pytest.raises(SystemExit):
+        main([*argv, "--seeds", "0,1"])
