@@ -38,8 +38,8 @@ from fl_maestro.world import load_world
 from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
 from simulations.cells import Cell, RunCell
-from simulations.tuning import (TUNING_DIR, Tuning, add_tuning_arguments, choices, choose,
-                                chosen_from_table,
+from simulations.tuning import (CONFIRM_DIR, TUNING_DIR, Tuning, add_tuning_arguments,
+                                best_points, choices, choose, chosen_from_table, confirmed,
                                 diverged_clients, tuning_from_args, tuning_scenario,
                                 validation_scores, write_table)
 from simulations.launch import exit_on_sigterm, parse_overrides
@@ -338,28 +338,28 @@ def gather(cells: Sequence[Cell], out_dir: Path) -> dict[str, pd.DataFrame]:
 
 
 def tune(scenario: Scenario, cells: Sequence[Cell], tuning: Tuning, out: Path, run_cell: RunCell,
-         jobs: int = 1) -> tuple[list[Cell], pd.DataFrame]:
-    """Run the grid for every method, choose each method's point; the comparison's cells at
-    their method's choice, and the tuning table (also written to ``<out>/tuning/table.csv``)."""
+         jobs: int = 1, table: pd.DataFrame | None = None) -> tuple[list[Cell], pd.DataFrame]:
+    """Run the grid for every method (unless ``table`` is its finished result), then, with
+    ``tuning.confirm``, each method's best points on the second seed; choose each method's point.
+    The comparison's cells at their method's choice, and the tuning table (also written to
+    ``<out>/tuning/table.csv``)."""
     folder = out / TUNING_DIR
-    grid_scenario = tuning_scenario(scenario, tuning)
     method_axes = [ax.name for ax in scenario.axes]
     grid_keys = list(tuning.grid)
-    tuning_cells = build_cells(grid_scenario, [tuning.seed], folder)
-    status = run_sweep(tuning_cells, run_cell, folder, jobs=jobs)
-    labels = [*method_axes, *grid_keys]
-    evaluation = pd.read_csv(folder / "evaluation.csv", dtype={c: str for c in labels}) \
-        if (folder / "evaluation.csv").exists() else pd.DataFrame(columns=[*labels, "metric"])
-    scores = validation_scores(evaluation, method_axes, grid_keys)
-    scores = scores.merge(diverged_clients(folder, labels), on=labels, how="left")
-    # Failed points stay in the table with no accuracy, so the grid is complete on the page.
-    every = status[["cell-id", *labels, "status"]].astype({c: str for c in labels})
-    scores = every.merge(scores, on=labels, how="left")
     order = [{k: str(v) for k, v in point.items()} for point in tuning.points()]
-    table = choose(scores.dropna(subset=["val-accuracy"]), method_axes, grid_keys, order)
-    table = scores.merge(table[[*labels, "chosen"]], on=labels, how="left")
-    table["chosen"] = table["chosen"].fillna(False).astype(bool)
-    write_table(table.assign(**{"tuning-seed": tuning.seed, "horizon": tuning.rounds}), folder)
+    if table is None:
+        table = _grid_runs(tuning_scenario(scenario, tuning), tuning.seed, folder, run_cell, jobs,
+                           method_axes, grid_keys)
+        table = choose(table, method_axes, grid_keys, order)
+        table = table.assign(**{"tuning-seed": tuning.seed, "horizon": tuning.rounds})
+    if tuning.confirm:
+        top = best_points(table, method_axes, grid_keys, order, tuning.confirm)
+        second = _grid_runs(tuning_scenario(scenario, tuning, tuning.confirm_seed),
+                            tuning.confirm_seed, folder / CONFIRM_DIR, run_cell, jobs,
+                            method_axes, grid_keys, only=top)
+        table = confirmed(table, second, method_axes, grid_keys, order)
+        table = table.assign(**{"confirm-seed": tuning.confirm_seed})
+    write_table(table, folder)
     chosen = choices(table, method_axes, tuning.grid)
     missing = sorted({tuple(c.axes[a] for a in method_axes) for c in cells} - set(chosen))
     if missing:
@@ -367,6 +367,26 @@ def tune(scenario: Scenario, cells: Sequence[Cell], tuning: Tuning, out: Path, r
                            f"(see {folder / 'cells.csv'})")
     tuned = [with_choice(c, chosen[tuple(c.axes[a] for a in method_axes)]) for c in cells]
     return tuned, table
+
+
+def _grid_runs(grid_scenario: Scenario, seed: int, folder: Path, run_cell: RunCell, jobs: int,
+               method_axes: Sequence[str], grid_keys: Sequence[str],
+               only: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Run the grid's cells on ``seed`` in ``folder`` (only the labels of ``only``, if given):
+    per method and grid point its cell, status, validation accuracy and diverged clients."""
+    labels = [*method_axes, *grid_keys]
+    cells = build_cells(grid_scenario, [seed], folder)
+    if only is not None:
+        wanted = set(map(tuple, only[labels].astype(str).to_numpy()))
+        cells = [c for c in cells if tuple(str(c.axes[k]) for k in labels) in wanted]
+    status = run_sweep(cells, run_cell, folder, jobs=jobs)
+    evaluation = pd.read_csv(folder / "evaluation.csv", dtype={c: str for c in labels}) \
+        if (folder / "evaluation.csv").exists() else pd.DataFrame(columns=[*labels, "metric"])
+    scores = validation_scores(evaluation, method_axes, grid_keys)
+    scores = scores.merge(diverged_clients(folder, labels), on=labels, how="left")
+    # Failed points stay in the table with no accuracy, so the grid is complete on the page.
+    every = status[["cell-id", *labels, "status"]].astype({c: str for c in labels})
+    return every.merge(scores, on=labels, how="left")
 
 
 def tuned_cells(scenario: Scenario, cells: Sequence[Cell], table_path: Path
@@ -449,13 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         cells = build_cells(scenario, seeds, out)
         until = (Until(args.until_converged, args.chunk, args.slope_threshold)
                  if args.until_converged else None)
-        tuning = tuning_from_args(args, seeds)
         tuned_table = None
         if args.tuned is not None:
-            if tuning is not None:
+            if args.tune:
                 raise ValueError("--tuned and --tune exclude each other: run at a finished "
                                  "table's choices, or tune again")
             cells, tuned_table = tuned_cells(scenario, cells, args.tuned)
+        tuning = tuning_from_args(args, seeds, tuned_table)
         if tuning is None:  # a tuned sweep's cells are checked at their tuned settings
             check_existing(cells, out)
         if args.jobs != 1 and args.runner != "inprocess":
@@ -465,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if not args.dry_run:
         write_sweep_info(out, scenario, seeds)
-        if tuned_table is not None:  # the report shows what the comparison ran
+        if tuned_table is not None and tuning is None:  # the report shows what was run
             write_table(tuned_table, out / TUNING_DIR)
     if args.dry_run:
         rows = [{"cell-id": c.cell_id, "state": cell_state(out / c.cell_id, c.num_rounds)[0],
@@ -476,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
               else InProcessCells(args.threads, args.timeout))
     with runner:
         if tuning is not None:
-            cells, tuned = tune(scenario, cells, tuning, out, runner, args.jobs)
+            cells, tuned = tune(scenario, cells, tuning, out, runner, args.jobs, tuned_table)
             try:
                 check_existing(cells, out)
             except ValueError as exc:

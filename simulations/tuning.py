@@ -12,6 +12,13 @@ round, averaged over the budget tiers (ties: the first point in grid order). The
 ``<out>/tuning/``; ``<out>/tuning/table.csv`` has one row per method and grid point with its
 validation accuracy and whether it was chosen, and the comparison's cells run at their method's
 choice (recorded as ``tuned-<key>`` columns of ``<out>/cells.csv``).
+
+One seed can pick a setting at the edge of stability that diverges on the next. With
+``--tune-confirm K`` each method's K best points are run again on a second tuning seed
+(``--tune-confirm-seed``, by default the tuning seed + 1; runs in ``<out>/tuning/confirm/``), and
+the choice becomes the point with the highest mean validation accuracy over the two seeds among
+those that finished on both (a point that fails on either seed cannot be chosen). ``--tuned
+TABLE --tune-confirm K`` adds the confirmation to a finished table.
 """
 
 from __future__ import annotations
@@ -23,24 +30,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fl_maestro.config import KEYS
 from simulations.scenarios import Axis, Level, Scenario
 
 TUNING_DIR = "tuning"
+CONFIRM_DIR = "confirm"  # the second seed's runs, under the tuning folder
 TABLE = "table.csv"
+# The table's own columns (the rest are the methods' axes and the grid's keys).
+TABLE_COLUMNS = ("cell-id", "status", "round", "val-accuracy", "diverged-clients", "chosen",
+                 "tuning-seed", "horizon", "score")
 # Keys a grid may not tune: the sweep sets them, or the tuning runs need them fixed.
 FIXED = ("results-dir", "run-name", "resume", "seed", "num-rounds", "eval-split", "eval-every")
 
 
 @dataclass(frozen=True)
 class Tuning:
-    """The declared grid (key -> values, in order), the tuning seed and the horizon in rounds."""
+    """The declared grid (key -> values, in order), the tuning seed, the horizon in rounds and
+    the confirmation (how many of each method's best points, on which second seed)."""
 
     grid: Mapping[str, tuple[Any, ...]]
     seed: int
     rounds: int
+    confirm: int = 0  # each method's best points run again on confirm_seed (0: no confirmation)
+    confirm_seed: int | None = None
 
     def points(self) -> list[dict[str, Any]]:
         """Every grid point, in grid order (the last key varies fastest)."""
@@ -78,8 +93,9 @@ def _value(text: str, default: Any) -> Any:
     return text
 
 
-def tuning_scenario(scenario: Scenario, tuning: Tuning) -> Scenario:
-    """The scenario's axes crossed with the grid, as runs on validation data over the horizon."""
+def tuning_scenario(scenario: Scenario, tuning: Tuning, seed: int | None = None) -> Scenario:
+    """The scenario's axes crossed with the grid, as runs on validation data over the horizon
+    (on the tuning seed, or on ``seed``)."""
     taken = {key for ax in scenario.axes for key in ax.keys()}
     clash = sorted(set(tuning.grid) & taken)
     if clash:
@@ -90,7 +106,8 @@ def tuning_scenario(scenario: Scenario, tuning: Tuning) -> Scenario:
     overrides = {**scenario.overrides, "num-rounds": tuning.rounds, "eval-every": tuning.rounds,
                  "eval-split": "validation"}
     return replace(scenario, name=f"{scenario.name}-tuning", overrides=overrides,
-                   axes=(*scenario.axes, *grid_axes), seeds=(tuning.seed,))
+                   axes=(*scenario.axes, *grid_axes),
+                   seeds=(tuning.seed if seed is None else seed,))
 
 
 def validation_scores(evaluation: pd.DataFrame, method_axes: Sequence[str],
@@ -110,19 +127,50 @@ def validation_scores(evaluation: pd.DataFrame, method_axes: Sequence[str],
 
 
 def choose(scores: pd.DataFrame, method_axes: Sequence[str], grid_keys: Sequence[str],
-           order: Sequence[Mapping[str, str]]) -> pd.DataFrame:
-    """``scores`` with a ``chosen`` column: per method, its best grid point (ties: the first of
-    ``order``, the grid points as labels in grid order)."""
+           order: Sequence[Mapping[str, str]], by: str = "val-accuracy") -> pd.DataFrame:
+    """``scores`` with a ``chosen`` column: per method, its grid point of highest ``by`` (ties:
+    the first of ``order``, the grid points as labels in grid order); rows without ``by`` are
+    never chosen."""
     rank = {tuple(point[k] for k in grid_keys): i for i, point in enumerate(order)}
     scores = scores.copy()
     scores["grid-order"] = [rank[tuple(str(r[k]) for k in grid_keys)]
                             for r in scores.to_dict("records")]
     scores["chosen"] = False
-    groups = scores.groupby(list(method_axes), sort=False) if method_axes else [((), scores)]
+    usable = scores.dropna(subset=[by])
+    groups = usable.groupby(list(method_axes), sort=False) if method_axes else [((), usable)]
     for _, group in groups:
-        best = group.sort_values(["val-accuracy", "grid-order"], ascending=[False, True])
+        best = group.sort_values([by, "grid-order"], ascending=[False, True])
         scores.loc[best.index[0], "chosen"] = True
     return scores.drop(columns="grid-order")
+
+
+def best_points(table: pd.DataFrame, method_axes: Sequence[str], grid_keys: Sequence[str],
+                order: Sequence[Mapping[str, str]], k: int) -> pd.DataFrame:
+    """Per method, the labels of its ``k`` grid points of highest validation accuracy (ties: grid
+    order); failed points (no accuracy) are never among them."""
+    rank = {tuple(point[g] for g in grid_keys): i for i, point in enumerate(order)}
+    rows = table.dropna(subset=["val-accuracy"]).astype({c: str for c in grid_keys})
+    rows = rows.assign(**{"grid-order": [rank[tuple(r[g] for g in grid_keys)]
+                                         for r in rows.to_dict("records")]})
+    rows = rows.sort_values(["val-accuracy", "grid-order"], ascending=[False, True])
+    top = rows.groupby(list(method_axes), sort=False).head(k) if method_axes else rows.head(k)
+    return top[[*method_axes, *grid_keys]].astype(str).reset_index(drop=True)
+
+
+def confirmed(table: pd.DataFrame, second: pd.DataFrame, method_axes: Sequence[str],
+              grid_keys: Sequence[str], order: Sequence[Mapping[str, str]]) -> pd.DataFrame:
+    """The first seed's table with the second seed's runs (``second``: labels, ``status``,
+    ``val-accuracy``, ``diverged-clients``) as ``confirm-*`` columns, a ``score`` (the mean
+    validation accuracy over both seeds, only where both finished) and the choice remade by it."""
+    labels = [*method_axes, *grid_keys]
+    second = second[[*labels, "status", "val-accuracy", "diverged-clients"]].rename(columns={
+        c: f"confirm-{c}" for c in ("status", "val-accuracy", "diverged-clients")})
+    out = table.drop(columns=[c for c in table.columns if c.startswith("confirm-")
+                              or c in ("score", "chosen")])
+    out = out.astype({c: str for c in labels}).merge(second.astype({c: str for c in labels}),
+                                                     on=labels, how="left")
+    out["score"] = out[["val-accuracy", "confirm-val-accuracy"]].mean(axis=1, skipna=False)
+    return choose(out, method_axes, grid_keys, order, by="score")
 
 
 def choices(table: pd.DataFrame, method_axes: Sequence[str], grid: Mapping[str, tuple]
@@ -176,19 +224,52 @@ def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuned", type=Path, metavar="TABLE.csv",
                         help="run every method at its choice in a finished tuning table (e.g. "
                              "results/reference/tuning/table.csv) instead of tuning again")
+    parser.add_argument("--tune-confirm", type=int, default=0, metavar="K",
+                        help="run each method's K best grid points again on a second tuning "
+                             "seed and choose by the mean over both (default 0: no second seed)")
+    parser.add_argument("--tune-confirm-seed", type=int,
+                        help="the second tuning seed (default: the tuning seed + 1)")
 
 
-def tuning_from_args(args: argparse.Namespace, seeds: Sequence[int]) -> Tuning | None:
-    """The tuning step the command line asks for (None without --tune)."""
-    if not args.tune:
-        if args.tune_only:
-            raise ValueError("--tune-only needs at least one --tune KEY=V1,V2,...")
+def tuning_from_args(args: argparse.Namespace, seeds: Sequence[int],
+                     table: pd.DataFrame | None = None) -> Tuning | None:
+    """The tuning step the command line asks for: the grid of ``--tune``, or with ``--tuned``
+    (its ``table``) and ``--tune-confirm`` the finished table's grid, seed and horizon; None
+    when nothing is to be run."""
+    confirm = getattr(args, "tune_confirm", 0)
+    confirm_seed = getattr(args, "tune_confirm_seed", None)
+    if args.tune:
+        seed = max(seeds) + 1 if args.tune_seed is None else args.tune_seed
+        if seed in seeds or seed < 0 or args.tune_rounds < 1:
+            raise ValueError(f"--tune-seed {seed} / --tune-rounds {args.tune_rounds}: allowed a "
+                             f"seed >= 0 not among the sweep's seeds {list(seeds)} and rounds >= 1")
+        grid, rounds = parse_tune(args.tune), args.tune_rounds
+    elif table is not None and confirm:
+        missing = [c for c in ("tuning-seed", "horizon") if c not in table.columns]
+        if missing:
+            raise ValueError(f"--tune-confirm with --tuned: the table has no column {missing} "
+                             "(allowed: a table.csv that --tune wrote)")
+        grid, seed, rounds = table_grid(table), int(table["tuning-seed"].iloc[0]), \
+            int(table["horizon"].iloc[0])
+    else:
+        if args.tune_only or confirm:
+            raise ValueError("--tune-only and --tune-confirm need --tune KEY=V1,V2,... (or "
+                             "--tune-confirm a --tuned table)")
         return None
-    seed = max(seeds) + 1 if args.tune_seed is None else args.tune_seed
-    if seed in seeds or seed < 0 or args.tune_rounds < 1:
-        raise ValueError(f"--tune-seed {seed} / --tune-rounds {args.tune_rounds}: allowed a "
-                         f"seed >= 0 not among the sweep's seeds {list(seeds)} and rounds >= 1")
-    return Tuning(parse_tune(args.tune), seed, args.tune_rounds)
+    confirm_seed = seed + 1 if confirm_seed is None else confirm_seed
+    if confirm < 0 or confirm_seed in (*seeds, seed) or confirm_seed < 0:
+        raise ValueError(f"--tune-confirm {confirm} / --tune-confirm-seed "
+                         f"{confirm_seed}: allowed K >= 0 and a seed >= 0 that is neither the "
+                         f"tuning seed {seed} nor among the sweep's seeds {list(seeds)}")
+    return Tuning(grid, seed, rounds, confirm,
+                  confirm_seed if confirm else None)
+
+
+def table_grid(table: pd.DataFrame) -> dict[str, tuple[Any, ...]]:
+    """A tuning table's grid: its run-config columns' values in table order, typed as the
+    keys' defaults."""
+    return {k: tuple(_value(str(v), KEYS[k].default) for v in table[k].unique())
+            for k in table.columns if k in KEYS}
 
 
 def chosen_from_table(path: Path, method_axes: Sequence[str]
@@ -204,8 +285,7 @@ def chosen_from_table(path: Path, method_axes: Sequence[str]
     if missing:
         raise ValueError(f"--tuned {path}: the table has no column {missing} (allowed: a "
                          f"table.csv that --tune wrote for this scenario's axes {list(method_axes)})")
-    grid = {k: tuple(_value(str(v), KEYS[k].default) for v in table[k].unique())
-            for k in table.columns if k in KEYS and k not in method_axes}
+    grid = {k: v for k, v in table_grid(table).items() if k not in method_axes}
     chosen = table[table["chosen"].astype(str).str.lower() == "true"]
     counts = chosen.groupby([chosen[a].astype(str) for a in method_axes]).size()
     if (counts > 1).any():
@@ -219,16 +299,19 @@ def markdown_table(table: pd.DataFrame) -> str:
     stopped, e.g. too few usable replies in a round)."""
     grid = [c for c in table.columns if c in KEYS]
     method_axes = [c for c in table.columns
-                   if c not in (*grid, "cell-id", "status", "round", "val-accuracy",
-                                "diverged-clients", "chosen", "tuning-seed", "horizon")]
+                   if c not in (*grid, *TABLE_COLUMNS) and not c.startswith("confirm-")]
     label = table[grid].astype(str).agg(lambda r: ", ".join(f"{k} {v}" for k, v in r.items()),
                                         axis=1)
 
-    def text(row: Mapping[str, Any]) -> str:
-        if pd.isna(row["val-accuracy"]):
+    def one(accuracy: Any, diverged: Any) -> str:
+        if pd.isna(accuracy):
             return "failed"
-        out = f"{100 * row['val-accuracy']:.1f}"
-        out += f" ({int(row['diverged-clients'])}d)" if row.get("diverged-clients", 0) > 0 else ""
+        return f"{100 * accuracy:.1f}" + (f" ({int(diverged)}d)" if diverged > 0 else "")
+
+    def text(row: Mapping[str, Any]) -> str:
+        out = one(row["val-accuracy"], row.get("diverged-clients", 0))
+        if pd.notna(row.get("confirm-status", np.nan)):  # run again on the second seed
+            out += " / " + one(row["confirm-val-accuracy"], row["confirm-diverged-clients"])
         return f"**{out}**" if row["chosen"] else out
 
     cells = table.assign(setting=label, text=table.apply(text, axis=1))
