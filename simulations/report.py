@@ -259,7 +259,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
     tuned = tuning_tables(paths)
     if not tuned.empty:
         tables.append(("tuning", "Tuning: every method x grid point, validation accuracy of the "
-                       "final round (tuning seed; 'chosen' is what the comparison ran)", tuned))
+                       "final round (tuning seed; confirm-*: the best points again on a second seed, "
+                       "score: the mean of both; 'chosen' is what the comparison ran)", tuned))
     for name, _, table in tables:
         table.to_csv(out / f"{name}.csv", index=False)
     base = (baseline or default_baseline(finals)) if finals["group"].nunique() > 1 else None
