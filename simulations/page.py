@@ -20,7 +20,7 @@ import pandas as pd
 # Columns of the report's tables that hold an accuracy (a fraction in the CSV, percent on the
 # page): matched by their start, since their names carry k ("mean of last 5").
 PERCENT_PREFIXES = ("mean of last", "last ", "last round", "difference", "95% CI",
-                    "full-rank accuracy")
+                    "full-rank accuracy", "accuracy at time")
 
 STYLE = """
 body{font-family:sans-serif;max-width:1380px;margin:auto;padding:0 10px;font-size:14px}

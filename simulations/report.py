@@ -41,7 +41,7 @@ from simulations.plots import (group_colors, plot_accuracy_over_time, plot_accur
 from simulations.stats import LAST_K, SLOPE_THRESHOLD
 from simulations.page import summary_html, summary_markdown, write_html
 from simulations.tuning import tuning_tables
-from simulations.summary import (NOTES, default_baseline, final_frame, final_table,
+from simulations.summary import (NOTES, accuracy_at_time, default_baseline, final_frame, final_table,
                                  group_differences, run_convergence, summary_frame,
                                  tier_differences)
 
@@ -279,7 +279,7 @@ def _folded(tables: list[tuple[str, str, pd.DataFrame]], images: list[tuple[str,
     """Everything after the first screen, under headings: accuracy tables, plots, diagnostics."""
     by_name = {name: (caption, table) for name, caption, table in tables}
     accuracy = [by_name[n] for n in ("final-tier", "group-differences", "tier-differences",
-                                     "final-fraction") if n in by_name]
+                                     "accuracy-at-time", "final-fraction") if n in by_name]
     diagnostics = [by_name[n] for n in ("runs", "outcomes", "device-profiles", "coverage")
                    if n in by_name]
     late = ("Coverage", "Movement from initialisation and importance", "Importance spectrum",
@@ -307,6 +307,12 @@ def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,
                        group_differences(finals, base)))
     if not components.empty:
         tables.append(("coverage", "Coverage per layer", coverage_table(components, full)))
+    at_time = accuracy_at_time(wide)
+    if not at_time.empty and finals["group"].nunique() > 1:
+        tables.append(("accuracy-at-time", "Accuracy at equal simulated time: each run's last "
+                       f"evaluation within {at_time.attrs['at'] / 3600:.2f} simulated hours (the "
+                       "shortest run's clock), and each group's simulated seconds per round",
+                       at_time))
     tables += [("final-fraction", "Final accuracy per rank fraction",
                 final_table(finals, "fraction", converged)),
                ("runs", "Runs", runs_table(runs, wide, converged))]

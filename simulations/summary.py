@@ -142,3 +142,32 @@ def rounds_used(finals: pd.DataFrame) -> dict[str, int]:
     return {"k-min": int(finals["k-used"].min()), "k-max": int(finals["k-used"].max()),
             "first-round": int(finals["first-round-of-k"].min()),
             "last-round": int(finals["last-round"].max())}
+
+
+def accuracy_at_time(wide: pd.DataFrame, at: float | None = None) -> pd.DataFrame:
+    """Per group and budget tier (rank fraction without tiers): the accuracy of each run's last
+    evaluation within ``at`` simulated seconds (default: the shortest run's final clock, a time
+    every run reached), as mean, 95% half-width and n over runs, beside the group's simulated
+    seconds per round (mean over its runs). Empty when the runs recorded no clock;
+    ``attrs["at"]`` holds the time used."""
+    if "sim-seconds" not in wide or wide["sim-seconds"].isna().all():
+        return pd.DataFrame()
+    kind = "tier" if (wide["kind"] == "tier").any() else "fraction"
+    rows = wide[wide["kind"] == kind].dropna(subset=["sim-seconds", "accuracy"])
+    if at is None:
+        at = float(rows.groupby("run")["sim-seconds"].max().min())
+    within = rows[rows["sim-seconds"] <= at].sort_values("round")
+    last = within.groupby(["run", "level"], sort=False).tail(1)
+    table = interval_frame(last, ["group", "level"], "accuracy")[
+        ["group", "level", "mean", "ci-half", "n"]]
+    table = table.merge(last.groupby(["group", "level"])["round"].mean().rename("rounds by then")
+                        .reset_index(), on=["group", "level"])
+    ends = rows.sort_values("round").groupby("run").tail(1)
+    pace = (ends["sim-seconds"] / ends["round"]).groupby(ends["group"]).mean()
+    table["simulated s per round"] = table["group"].map(pace)
+    table = table.rename(columns={"level": "budget" if kind == "tier" else "rank fraction",
+                                  "mean": "accuracy at time",
+                                  "ci-half": "accuracy at time ±95%"})
+    table.attrs["at"] = at
+    return table
+

@@ -15,7 +15,7 @@ from fl_maestro.results import RunStore
 from simulations.page import percent, summary_html, summary_markdown
 from simulations.plots import data_limits, plot_tier_accuracy
 from simulations.report import build_report, find_runs, group_runs, load_run, main, time_at_rounds
-from simulations.summary import summary_frame
+from simulations.summary import accuracy_at_time, summary_frame
 
 METRICS = ("accuracy", "loss", "macs", "params", "relative-macs", "dense-relative-macs",
            "eval-examples")
@@ -305,3 +305,24 @@ def test_the_report_names_each_groups_method_from_the_registry(tmp_path) -> None
     assert table.loc["fedrolex", "summary"] == get_method("fedrolex").summary
     assert table.loc["fedrolex", "paper"].startswith("FedRolex (Alam et al.")
     assert table.loc["fjord", "family"] == "width"
+
+
+def test_accuracy_at_equal_simulated_time_by_hand() -> None:
+    """Clocks a0: rounds 5, 10 at 50, 100 s (accuracy 0.5, 0.7); a1: at 60, 120 s (0.4, 0.6);
+    b0: round 5 at 80 s (0.9). The shortest run's clock is 80 s: a0 and a1 give their round-5
+    values (mean 0.45, n 2), b0 0.9. At 100 s a0 gives its round 10 (0.7) and a1 still its round
+    5 (0.4). Seconds per round: a (10 + 12) / 2 = 11, b 16."""
+    rows = [("a", "a0", 0, 5, 50, 0.5), ("a", "a0", 0, 10, 100, 0.7),
+            ("a", "a1", 1, 5, 60, 0.4), ("a", "a1", 1, 10, 120, 0.6),
+            ("b", "b0", 0, 5, 80, 0.9)]
+    wide = pd.DataFrame(rows, columns=["group", "run", "seed", "round", "sim-seconds", "accuracy"]
+                        ).assign(kind="tier", level=1.0)
+    table = accuracy_at_time(wide).set_index("group")
+    assert table.attrs["at"] == 80
+    assert table.loc["a", "accuracy at time"] == pytest.approx(0.45)
+    assert table.loc["a", "n"] == 2 and table.loc["b", "n"] == 1
+    assert table.loc["b", "accuracy at time"] == pytest.approx(0.9)
+    assert table["simulated s per round"].to_dict() == {"a": pytest.approx(11), "b": 16}
+    later = accuracy_at_time(wide, at=100).set_index("group")
+    assert later.loc["a", "accuracy at time"] == pytest.approx((0.7 + 0.4) / 2)
+    assert accuracy_at_time(wide.drop(columns="sim-seconds")).empty
