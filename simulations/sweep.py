@@ -352,8 +352,8 @@ def tune(scenario: Scenario, cells: Sequence[Cell], tuning: Tuning, out: Path, r
                            method_axes, grid_keys)
         table = choose(table, method_axes, grid_keys, order)
         table = table.assign(**{"tuning-seed": tuning.seed, "horizon": tuning.rounds})
-    if tuning.confirm:
-        top = best_points(table, method_axes, grid_keys, order, tuning.confirm)
+    top = best_points(table, method_axes, grid_keys, order, tuning.confirm)
+    if tuning.confirm and not top.empty:
         second = _grid_runs(tuning_scenario(scenario, tuning, tuning.confirm_seed),
                             tuning.confirm_seed, folder / CONFIRM_DIR, run_cell, jobs,
                             method_axes, grid_keys, only=top)
@@ -363,8 +363,10 @@ def tune(scenario: Scenario, cells: Sequence[Cell], tuning: Tuning, out: Path, r
     chosen = choices(table, method_axes, tuning.grid)
     missing = sorted({tuple(c.axes[a] for a in method_axes) for c in cells} - set(chosen))
     if missing:
-        raise RuntimeError(f"tuning found no usable grid point for {missing}: every run failed "
-                           f"(see {folder / 'cells.csv'})")
+        where = (f"every point it confirmed failed on seed {tuning.confirm_seed} (see "
+                 f"{folder / CONFIRM_DIR / 'cells.csv'}; a larger --tune-confirm tries more)"
+                 if "score" in table else f"every run failed (see {folder / 'cells.csv'})")
+        raise RuntimeError(f"tuning found no usable grid point for {missing}: {where}")
     tuned = [with_choice(c, chosen[tuple(c.axes[a] for a in method_axes)]) for c in cells]
     return tuned, table
 
@@ -382,8 +384,12 @@ def _grid_runs(grid_scenario: Scenario, seed: int, folder: Path, run_cell: RunCe
     status = run_sweep(cells, run_cell, folder, jobs=jobs)
     evaluation = pd.read_csv(folder / "evaluation.csv", dtype={c: str for c in labels}) \
         if (folder / "evaluation.csv").exists() else pd.DataFrame(columns=[*labels, "metric"])
+    # Only this call's finished cells: the folder's gathered table may hold older runs.
+    done = status.loc[status["status"] == "done", "cell-id"]
+    evaluation = evaluation[evaluation["cell-id"].isin(done)] if "cell-id" in evaluation \
+        else evaluation.iloc[0:0]
     scores = validation_scores(evaluation, method_axes, grid_keys)
-    scores = scores.merge(diverged_clients(folder, labels), on=labels, how="left")
+    scores = scores.merge(diverged_clients(folder, labels, list(done)), on=labels, how="left")
     # Failed points stay in the table with no accuracy, so the grid is complete on the page.
     every = status[["cell-id", *labels, "status"]].astype({c: str for c in labels})
     return every.merge(scores, on=labels, how="left")
@@ -475,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--tuned and --tune exclude each other: run at a finished "
                                  "table's choices, or tune again")
             cells, tuned_table = tuned_cells(scenario, cells, args.tuned)
-        tuning = tuning_from_args(args, seeds, tuned_table)
+        tuning = tuning_from_args(args, seeds, tuned_table, [ax.name for ax in scenario.axes])
         if tuning is None:  # a tuned sweep's cells are checked at their tuned settings
             check_existing(cells, out)
         if args.jobs != 1 and args.runner != "inprocess":
@@ -496,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
               else InProcessCells(args.threads, args.timeout))
     with runner:
         if tuning is not None:
-            cells, tuned = tune(scenario, cells, tuning, out, runner, args.jobs, tuned_table)
             try:
+                cells, tuned = tune(scenario, cells, tuning, out, runner, args.jobs, tuned_table)
                 check_existing(cells, out)
             except ValueError as exc:
                 parser.error(str(exc))

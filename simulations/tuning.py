@@ -191,12 +191,16 @@ def write_table(table: pd.DataFrame, folder: Path) -> Path:
     return path
 
 
-def diverged_clients(folder: Path, labels: Sequence[str]) -> pd.DataFrame:
-    """Per tuning run, the clients whose local training diverged (summed over its rounds)."""
+def diverged_clients(folder: Path, labels: Sequence[str],
+                     cell_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per tuning run (of ``cell_ids`` only, if given), the clients whose local training
+    diverged (summed over its rounds)."""
     path = folder / "rounds.csv"
     if not path.exists():
         return pd.DataFrame(columns=[*labels, "diverged-clients"])
     rounds = pd.read_csv(path, dtype={c: str for c in labels})
+    if cell_ids is not None:
+        rounds = rounds[rounds["cell-id"].isin(cell_ids)]
     if "dropped-diverged" not in rounds:
         rounds["dropped-diverged"] = 0
     return (rounds.groupby(list(labels), sort=False)["dropped-diverged"].sum()
@@ -226,16 +230,18 @@ def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
                              "results/reference/tuning/table.csv) instead of tuning again")
     parser.add_argument("--tune-confirm", type=int, default=0, metavar="K",
                         help="run each method's K best grid points again on a second tuning "
-                             "seed and choose by the mean over both (default 0: no second seed)")
+                             "seed and choose by the mean over both (default 0: no second seed; "
+                             "with --tuned, at the table's horizon and seed)")
     parser.add_argument("--tune-confirm-seed", type=int,
                         help="the second tuning seed (default: the tuning seed + 1)")
 
 
 def tuning_from_args(args: argparse.Namespace, seeds: Sequence[int],
-                     table: pd.DataFrame | None = None) -> Tuning | None:
+                     table: pd.DataFrame | None = None,
+                     method_axes: Sequence[str] = ()) -> Tuning | None:
     """The tuning step the command line asks for: the grid of ``--tune``, or with ``--tuned``
-    (its ``table``) and ``--tune-confirm`` the finished table's grid, seed and horizon; None
-    when nothing is to be run."""
+    (its ``table``, whose ``method_axes`` columns are not grid keys) and ``--tune-confirm`` the
+    finished table's grid, seed and horizon; None when nothing is to be run."""
     confirm = getattr(args, "tune_confirm", 0)
     confirm_seed = getattr(args, "tune_confirm_seed", None)
     if args.tune:
@@ -249,20 +255,26 @@ def tuning_from_args(args: argparse.Namespace, seeds: Sequence[int],
         if missing:
             raise ValueError(f"--tune-confirm with --tuned: the table has no column {missing} "
                              "(allowed: a table.csv that --tune wrote)")
-        grid, seed, rounds = table_grid(table), int(table["tuning-seed"].iloc[0]), \
-            int(table["horizon"].iloc[0])
+        grid = {k: v for k, v in table_grid(table).items() if k not in method_axes}
+        seed, rounds = int(table["tuning-seed"].iloc[0]), int(table["horizon"].iloc[0])
+        if seed in seeds:
+            raise ValueError(f"--tuned: the table's tuning seed {seed} is among the sweep's "
+                             f"seeds {list(seeds)}: allowed seeds the tuning did not use")
     else:
         if args.tune_only or confirm:
             raise ValueError("--tune-only and --tune-confirm need --tune KEY=V1,V2,... (or "
                              "--tune-confirm a --tuned table)")
         return None
+    if not confirm:
+        if confirm_seed is not None:
+            raise ValueError("--tune-confirm-seed needs --tune-confirm K (K >= 1)")
+        return Tuning(grid, seed, rounds)
     confirm_seed = seed + 1 if confirm_seed is None else confirm_seed
     if confirm < 0 or confirm_seed in (*seeds, seed) or confirm_seed < 0:
         raise ValueError(f"--tune-confirm {confirm} / --tune-confirm-seed "
                          f"{confirm_seed}: allowed K >= 0 and a seed >= 0 that is neither the "
                          f"tuning seed {seed} nor among the sweep's seeds {list(seeds)}")
-    return Tuning(grid, seed, rounds, confirm,
-                  confirm_seed if confirm else None)
+    return Tuning(grid, seed, rounds, confirm, confirm_seed)
 
 
 def table_grid(table: pd.DataFrame) -> dict[str, tuple[Any, ...]]:

@@ -4,6 +4,7 @@ walking samplers, validation-split evaluation, and the tuning step."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,63 @@ def test_confirmation_reruns_each_methods_best_points_and_chooses_by_the_mean(
     assert {c.axes["method"]: c.run_config["lr"] for c in again} == {"x": 0.05, "y": 0.05}
 
 
+def _fake_runs(accuracy: dict) -> Callable[[Cell, bool], int]:
+    """A run_cell whose runs end at ``accuracy[(strategy, lr, seed)]`` (missing: the run fails)."""
+    def run_cell(cell: Cell, resume: bool) -> int:
+        rc = cell.run_config
+        value = accuracy.get((rc["strategy"], rc["lr"], rc["seed"]))
+        if value is None:
+            return 1
+        store = RunStore(Path(rc["results-dir"]) / rc["run-name"])
+        store.write_config(parse_run_config(rc).to_dict())
+        for rnd in range(1, cell.num_rounds + 1):
+            store.append("evaluation", [{"round": rnd, "kind": "tier", "level": 1.0,
+                                         "metric": "accuracy", "value": value}])
+            store.append("rounds", [{"round": rnd, "dropped-diverged": 1}])
+            store.save_checkpoint(rnd, {"w": np.zeros(1, F32)}, {})
+        return 0
+    return run_cell
+
+
+def test_confirmation_again_in_the_same_folder_reads_only_its_own_runs(tmp_path: Path) -> None:
+    """Axis named after a run-config key (``strategy``), table read back from its CSV. Seed 8
+    confirms both points; a second confirmation on seed 9, in the same folder, where every run
+    fails, must not score them with seed 8's accuracy: no point is usable on both seeds, and
+    the error names the confirmation."""
+    scenario = Scenario("s", "", overrides={"num-rounds": 4, "clients-per-round": 2},
+                        supernodes=4, axes=(grouped_axis("strategy", {
+                            "fjord": {"strategy": "fjord"}}),))
+    cells = build_cells(scenario, [0], tmp_path)
+    run_cell = _fake_runs({("fjord", 0.05, 7): 0.8, ("fjord", 0.1, 7): 0.9,
+                           ("fjord", 0.05, 8): 0.7, ("fjord", 0.1, 8): 0.5})
+    tune(scenario, cells, Tuning(parse_tune(["lr=0.05,0.1"]), seed=7, rounds=2), tmp_path,
+         run_cell)
+    table = pd.read_csv(tmp_path / "tuning" / "table.csv")
+    args = argparse.Namespace(tune=[], tune_seed=None, tune_rounds=15, tune_only=True,
+                              tune_confirm=2, tune_confirm_seed=None)
+    tuning = tuning_from_args(args, [0], table, ["strategy"])
+    assert tuning.grid == {"lr": (0.05, 0.1)} and tuning.confirm_seed == 8
+    tuned, confirmed_table = tune(scenario, cells, tuning, tmp_path, run_cell, table=table)
+    assert tuned[0].run_config["lr"] == 0.05  # means 0.75 vs 0.7
+    assert confirmed_table["diverged-clients"].tolist() == [2, 2]  # one per round, this seed's
+    nine = tuning_from_args(argparse.Namespace(**{**vars(args), "tune_confirm_seed": 9}), [0],
+                            table, ["strategy"])
+    with pytest.raises(RuntimeError, match="failed on seed 9"):
+        tune(scenario, cells, nine, tmp_path, run_cell, table=table)
+    again = pd.read_csv(tmp_path / "tuning" / "table.csv")
+    assert again["confirm-val-accuracy"].isna().all() and not again["chosen"].any()
+
+
+def test_tuning_where_every_run_fails_says_so(tmp_path: Path) -> None:
+    scenario = Scenario("s", "", overrides={"num-rounds": 4, "clients-per-round": 2},
+                        supernodes=4, axes=(grouped_axis("method", {
+                            "x": {"strategy": "fjord"}}),))
+    cells = build_cells(scenario, [0], tmp_path)
+    tuning = Tuning(parse_tune(["lr=0.05,0.1"]), seed=7, rounds=2, confirm=1, confirm_seed=8)
+    with pytest.raises(RuntimeError, match=r"no usable grid point for \[\('x',\)\]: every run"):
+        tune(scenario, cells, tuning, tmp_path, _fake_runs({}))
+
+
 def test_confirmation_options_are_checked() -> None:
     args = argparse.Namespace(tune=["lr=0.1,0.2"], tune_seed=None, tune_rounds=15,
                               tune_only=False, tune_confirm=3, tune_confirm_seed=None)
@@ -329,6 +387,12 @@ def test_confirmation_options_are_checked() -> None:
             tuning_from_args(argparse.Namespace(**{**vars(args), **bad}), [0, 1, 2])
     with pytest.raises(ValueError, match="need --tune"):
         tuning_from_args(argparse.Namespace(**{**vars(args), "tune": []}), [0, 1, 2])
+    # Without a confirmation its seed is not checked (tuning seed 3, seed 4 in the sweep) ...
+    plain = {**vars(args), "tune_seed": 3, "tune_confirm": 0}
+    assert tuning_from_args(argparse.Namespace(**plain), [0, 1, 2, 4]).confirm == 0
+    # ... and a confirmation seed without a confirmation is refused.
+    with pytest.raises(ValueError, match="--tune-confirm-seed needs --tune-confirm"):
+        tuning_from_args(argparse.Namespace(**{**plain, "tune_confirm_seed": 9}), [0, 1, 2])
     table = pd.DataFrame({"method": ["a", "a"], "lr": [0.1, 0.2], "chosen": [True, False],
                           "tuning-seed": 5, "horizon": 15})
     from_table = tuning_from_args(argparse.Namespace(**{**vars(args), "tune": []}), [0], table)
