@@ -161,7 +161,7 @@ def accuracy_at_time(wide: pd.DataFrame, at: float | None = None) -> pd.DataFram
     table = interval_frame(last, ["group", "level"], "accuracy")[
         ["group", "level", "mean", "ci-half", "n"]]
     table = table.merge(last.groupby(["group", "level"])["round"].mean().rename("rounds by then")
-                        .reset_index(), on=["group", "level"])
+                        .reset_index(), on=["group", "level"], how="left")
     ends = rows.sort_values("round").groupby("run").tail(1)
     pace = (ends["sim-seconds"] / ends["round"]).groupby(ends["group"]).mean()
     table["simulated s per round"] = table["group"].map(pace)
