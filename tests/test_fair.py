@@ -267,63 +267,13 @@ def test_tuning_runs_the_grid_on_validation_data_and_runs_each_method_at_its_cho
     assert len(on_page) == 6 and on_page.loc[on_page["chosen"], "lr"].tolist() == [0.1, 0.02]
 
 
-def test_confirmation_reruns_each_methods_best_points_and_chooses_by_the_mean(
-        tmp_path: Path) -> None:
-    """Seed 7 ranks x's points 0.1 > 0.05 > 0.02 and y's 0.02 > 0.05 > 0.1; with K = 2 the
-    second seed (8) runs only x@{0.1, 0.05} and y@{0.02, 0.05}. On seed 8 x@0.1 fails (a point
-    failing on either seed cannot be chosen), so x takes 0.05; y@0.02 scores 0.4 there, so the
-    means are y@0.02 (0.9 + 0.4) / 2 = 0.65 < y@0.05 (0.8 + 0.8) / 2 = 0.8: y takes 0.05."""
-    first = {("x", 0.1): 0.9, ("x", 0.05): 0.8, ("x", 0.02): 0.7,
-             ("y", 0.02): 0.9, ("y", 0.05): 0.8, ("y", 0.1): 0.7}
-    second = {("x", 0.05): 0.6, ("y", 0.02): 0.4, ("y", 0.05): 0.8}  # x@0.1 fails on seed 8
-    seen: list[tuple[str, float, int]] = []
-
+def _fake_runs(accuracy: dict, seen: list | None = None) -> Callable[[Cell, bool], int]:
+    """A run_cell whose runs end at ``accuracy[(strategy, lr, seed)]`` (missing: the run fails),
+    noting each (strategy, lr, seed) it is asked for in ``seen``."""
     def run_cell(cell: Cell, resume: bool) -> int:
         rc = cell.run_config
-        method = "x" if rc["strategy"] == "fjord" else "y"
-        seen.append((method, rc["lr"], rc["seed"]))
-        accuracy = (first if rc["seed"] == 7 else second).get((method, rc["lr"]))
-        if accuracy is None:
-            return 1
-        store = RunStore(Path(rc["results-dir"]) / rc["run-name"])
-        store.write_config(parse_run_config(rc).to_dict())
-        for rnd in range(1, cell.num_rounds + 1):
-            store.append("evaluation", [{"round": rnd, "kind": "tier", "level": 1.0,
-                                         "metric": "accuracy", "value": accuracy}])
-            store.save_checkpoint(rnd, {"w": np.zeros(1, F32)}, {})
-        return 0
-
-    scenario = Scenario("s", "two methods", overrides={"num-rounds": 4, "clients-per-round": 2},
-                        supernodes=4, axes=(grouped_axis("method", {
-                            "x": {"strategy": "fjord"}, "y": {"strategy": "heterofl"}}),))
-    cells = build_cells(scenario, [0], tmp_path)
-    tuning = Tuning(parse_tune(["lr=0.02,0.05,0.1"]), seed=7, rounds=2, confirm=2,
-                    confirm_seed=8)
-    tuned, table = tune(scenario, cells, tuning, tmp_path, run_cell)
-    assert sorted(s for s in seen if s[2] == 8) == [("x", 0.05, 8), ("x", 0.1, 8),
-                                                   ("y", 0.02, 8), ("y", 0.05, 8)]
-    assert {c.axes["method"]: c.run_config["lr"] for c in tuned} == {"x": 0.05, "y": 0.05}
-    rows = table.set_index(["method", "lr"])
-    assert rows.loc[("x", "0.1"), "confirm-status"] == "failed"
-    assert pd.isna(rows.loc[("x", "0.1"), "score"]) and pd.isna(rows.loc[("x", "0.02"), "score"])
-    assert rows.loc[("y", "0.02"), "score"] == pytest.approx(0.65)
-    assert rows.loc[("y", "0.05"), "score"] == pytest.approx(0.8)
-    assert (tmp_path / "tuning" / "confirm" / "cells.csv").exists()
-    lines = markdown_table(pd.read_csv(tmp_path / "tuning" / "table.csv")).splitlines()
-    assert lines[2] == "| `x` | 70.0 | **80.0 / 60.0** | 90.0 / failed |"
-    # The confirmation alone, on the finished table (--tuned TABLE --tune-confirm K): nothing
-    # of the first seed runs again, and the same choice comes out.
-    seen.clear()
-    again, table2 = tune(scenario, cells, tuning, tmp_path / "again", run_cell,
-                         table=pd.read_csv(tmp_path / "tuning" / "table.csv"))
-    assert all(s[2] == 8 for s in seen) and len(seen) == 4
-    assert {c.axes["method"]: c.run_config["lr"] for c in again} == {"x": 0.05, "y": 0.05}
-
-
-def _fake_runs(accuracy: dict) -> Callable[[Cell, bool], int]:
-    """A run_cell whose runs end at ``accuracy[(strategy, lr, seed)]`` (missing: the run fails)."""
-    def run_cell(cell: Cell, resume: bool) -> int:
-        rc = cell.run_config
+        if seen is not None:
+            seen.append((rc["strategy"], rc["lr"], rc["seed"]))
         value = accuracy.get((rc["strategy"], rc["lr"], rc["seed"]))
         if value is None:
             return 1
@@ -336,6 +286,47 @@ def _fake_runs(accuracy: dict) -> Callable[[Cell, bool], int]:
             store.save_checkpoint(rnd, {"w": np.zeros(1, F32)}, {})
         return 0
     return run_cell
+
+
+def test_confirmation_reruns_each_methods_best_points_and_chooses_by_the_mean(
+        tmp_path: Path) -> None:
+    """Seed 7 ranks x's points 0.1 > 0.05 > 0.02 and y's 0.02 > 0.05 > 0.1; with K = 2 the
+    second seed (8) runs only x@{0.1, 0.05} and y@{0.02, 0.05}. On seed 8 x@0.1 fails (a point
+    failing on either seed cannot be chosen), so x takes 0.05; y@0.02 scores 0.4 there, so the
+    means are y@0.02 (0.9 + 0.4) / 2 = 0.65 < y@0.05 (0.8 + 0.8) / 2 = 0.8: y takes 0.05."""
+    x, y = "fjord", "heterofl"  # the strategies of methods x and y
+    accuracy = {(x, 0.1, 7): 0.9, (x, 0.05, 7): 0.8, (x, 0.02, 7): 0.7,
+                (y, 0.02, 7): 0.9, (y, 0.05, 7): 0.8, (y, 0.1, 7): 0.7,
+                (x, 0.05, 8): 0.6, (y, 0.02, 8): 0.4, (y, 0.05, 8): 0.8}  # x@0.1 fails on 8
+    seen: list[tuple[str, float, int]] = []
+    run_cell = _fake_runs(accuracy, seen)
+
+    scenario = Scenario("s", "two methods", overrides={"num-rounds": 4, "clients-per-round": 2},
+                        supernodes=4, axes=(grouped_axis("method", {
+                            "x": {"strategy": "fjord"}, "y": {"strategy": "heterofl"}}),))
+    cells = build_cells(scenario, [0], tmp_path)
+    tuning = Tuning(parse_tune(["lr=0.02,0.05,0.1"]), seed=7, rounds=2, confirm=2,
+                    confirm_seed=8)
+    tuned, table = tune(scenario, cells, tuning, tmp_path, run_cell)
+    assert sorted(s for s in seen if s[2] == 8) == [(x, 0.05, 8), (x, 0.1, 8),
+                                                   (y, 0.02, 8), (y, 0.05, 8)]
+    assert {c.axes["method"]: c.run_config["lr"] for c in tuned} == {"x": 0.05, "y": 0.05}
+    rows = table.set_index(["method", "lr"])
+    assert rows.loc[("x", "0.1"), "confirm-status"] == "failed"
+    assert pd.isna(rows.loc[("x", "0.1"), "score"]) and pd.isna(rows.loc[("x", "0.02"), "score"])
+    assert rows.loc[("y", "0.02"), "score"] == pytest.approx(0.65)
+    assert rows.loc[("y", "0.05"), "score"] == pytest.approx(0.8)
+    assert (tmp_path / "tuning" / "confirm" / "cells.csv").exists()
+    lines = markdown_table(pd.read_csv(tmp_path / "tuning" / "table.csv")).splitlines()
+    # (each fake run loses one client per round to divergence: 2 in its 2 rounds)
+    assert lines[2] == "| `x` | 70.0 (2d) | **80.0 (2d) / 60.0 (2d)** | 90.0 (2d) / failed |"
+    # The confirmation alone, on the finished table (--tuned TABLE --tune-confirm K): nothing
+    # of the first seed runs again, and the same choice comes out.
+    seen.clear()
+    again, table2 = tune(scenario, cells, tuning, tmp_path / "again", run_cell,
+                         table=pd.read_csv(tmp_path / "tuning" / "table.csv"))
+    assert all(s[2] == 8 for s in seen) and len(seen) == 4
+    assert {c.axes["method"]: c.run_config["lr"] for c in again} == {"x": 0.05, "y": 0.05}
 
 
 def test_confirmation_again_in_the_same_folder_reads_only_its_own_runs(tmp_path: Path) -> None:
