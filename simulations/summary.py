@@ -158,6 +158,9 @@ def accuracy_at_time(wide: pd.DataFrame, at: float | None = None) -> pd.DataFram
         at = float(rows.groupby("run")["sim-seconds"].max().min())
     within = rows[rows["sim-seconds"] <= at].sort_values("round")
     last = within.groupby(["run", "level"], sort=False).tail(1)
+    order = {g: i for i, g in enumerate(dict.fromkeys(rows["group"]))}
+    last = last.sort_values(["group", "level"], key=lambda c: c.map(order) if c.name == "group"
+                            else c)
     table = interval_frame(last, ["group", "level"], "accuracy")[
         ["group", "level", "mean", "ci-half", "n"]]
     table = table.merge(last.groupby(["group", "level"])["round"].mean().rename("rounds by then")

@@ -312,13 +312,13 @@ def test_accuracy_at_equal_simulated_time_by_hand() -> None:
     b0: round 5 at 80 s (0.9). The shortest run's clock is 80 s: a0 and a1 give their round-5
     values (mean 0.45, n 2), b0 0.9. At 100 s a0 gives its round 10 (0.7) and a1 still its round
     5 (0.4). Seconds per round: a (10 + 12) / 2 = 11, b 16."""
-    rows = [("a", "a0", 0, 5, 50, 0.5), ("a", "a0", 0, 10, 100, 0.7),
-            ("a", "a1", 1, 5, 60, 0.4), ("a", "a1", 1, 10, 120, 0.6),
-            ("b", "b0", 0, 5, 80, 0.9)]
+    rows = [("b", "b0", 0, 5, 80, 0.9),  # b first: the table keeps the runs' group order
+            ("a", "a0", 0, 5, 50, 0.5), ("a", "a0", 0, 10, 100, 0.7),
+            ("a", "a1", 1, 5, 60, 0.4), ("a", "a1", 1, 10, 120, 0.6)]
     wide = pd.DataFrame(rows, columns=["group", "run", "seed", "round", "sim-seconds", "accuracy"]
                         ).assign(kind="tier", level=1.0)
     table = accuracy_at_time(wide).set_index("group")
-    assert table.attrs["at"] == 80
+    assert table.attrs["at"] == 80 and table.index.tolist() == ["b", "a"]
     assert table.loc["a", "accuracy at time"] == pytest.approx(0.45)
     assert table.loc["a", "n"] == 2 and table.loc["b", "n"] == 1
     assert table.loc["b", "accuracy at time"] == pytest.approx(0.9)
