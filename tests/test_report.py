@@ -309,10 +309,10 @@ def test_the_report_names_each_groups_method_from_the_registry(tmp_path) -> None
 
 def test_accuracy_at_equal_simulated_time_by_hand() -> None:
     """Clocks a0: rounds 5, 10 at 50, 100 s (accuracy 0.5, 0.7); a1: at 60, 120 s (0.4, 0.6);
-    b0: round 5 at 80 s (0.9). The shortest run's clock is 80 s: a0 and a1 give their round-5
+    b0: round 10 at 80 s (0.9). The shortest run's clock is 80 s: a0 and a1 give their round-5
     values (mean 0.45, n 2), b0 0.9. At 100 s a0 gives its round 10 (0.7) and a1 still its round
-    5 (0.4). Seconds per round: a (10 + 12) / 2 = 11, b 16."""
-    rows = [("b", "b0", 0, 5, 80, 0.9),  # b first: the table keeps the runs' group order
+    5 (0.4). Seconds per round: a (10 + 12) / 2 = 11, b 8."""
+    rows = [("b", "b0", 0, 10, 80, 0.9),  # b first: the table keeps the runs' group order
             ("a", "a0", 0, 5, 50, 0.5), ("a", "a0", 0, 10, 100, 0.7),
             ("a", "a1", 1, 5, 60, 0.4), ("a", "a1", 1, 10, 120, 0.6)]
     wide = pd.DataFrame(rows, columns=["group", "run", "seed", "round", "sim-seconds", "accuracy"]
@@ -322,7 +322,7 @@ def test_accuracy_at_equal_simulated_time_by_hand() -> None:
     assert table.loc["a", "accuracy at time"] == pytest.approx(0.45)
     assert table.loc["a", "n"] == 2 and table.loc["b", "n"] == 1
     assert table.loc["b", "accuracy at time"] == pytest.approx(0.9)
-    assert table["simulated s per round"].to_dict() == {"a": pytest.approx(11), "b": 16}
+    assert table["simulated s per round"].to_dict() == {"a": pytest.approx(11), "b": 8}
     later = accuracy_at_time(wide, at=100).set_index("group")
     assert later.loc["a", "accuracy at time"] == pytest.approx((0.7 + 0.4) / 2)
     assert accuracy_at_time(wide.drop(columns="sim-seconds")).empty
