@@ -345,8 +345,30 @@ def _images(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame, legen
 
 def _lead(paths: Sequence[str | Path], runs: Sequence[Run], legend: str) -> str:
     groups = len({r.group for r in runs})
-    return (f"{len(runs)} runs in {groups} groups from {', '.join(map(str, paths))}; groups differ "
+    lead = (f"{len(runs)} runs in {groups} groups from {', '.join(map(str, paths))}; groups differ "
             f"in {legend or 'the keys named in each group label'} (seed aside).")
+    missing = unfinished_cells(paths)
+    if missing:
+        lead += (f" Left out, {len(missing)} sweep cell(s) that did not finish: "
+                 f"{'; '.join(missing)}.")
+    return lead
+
+
+def unfinished_cells(paths: Sequence[str | Path]) -> list[str]:
+    """The cells of the sweep folders among ``paths`` whose ``cells.csv`` status is not done,
+    as "cell-id: status, round N (error)" (the report leaves their runs out)."""
+    out = []
+    for path in map(Path, paths):
+        if not (path / "cells.csv").exists():
+            continue
+        cells = pd.read_csv(path / "cells.csv", dtype={"cell-id": str})
+        if "status" not in cells:
+            continue
+        for row in cells[cells["status"] != "done"].to_dict("records"):
+            rounds = "" if pd.isna(row.get("rounds")) else f", round {int(row['rounds'])}"
+            error = "" if pd.isna(row.get("error")) else f" ({row['error']})"
+            out.append(f"{row['cell-id']}: {row['status']}{rounds}{error}")
+    return out
 
 
 def _notes(legend: str, last_k: int, slope_threshold: float, runs: Sequence[Run]) -> list[str]:

@@ -326,3 +326,14 @@ def test_accuracy_at_equal_simulated_time_by_hand() -> None:
     later = accuracy_at_time(wide, at=100).set_index("group")
     assert later.loc["a", "accuracy at time"] == pytest.approx((0.7 + 0.4) / 2)
     assert accuracy_at_time(wide.drop(columns="sim-seconds")).empty
+
+
+def test_a_sweeps_unfinished_cells_are_named_on_the_first_screen(tmp_path: Path) -> None:
+    from simulations.report import unfinished_cells
+    pd.DataFrame({"cell-id": ["m=a__seed=0", "m=a__seed=1", "m=b__seed=0"],
+                  "status": ["done", "failed", "pending"], "rounds": [40, 3, None],
+                  "error": [None, "exit code 1", None]}).to_csv(tmp_path / "cells.csv",
+                                                                 index=False)
+    assert unfinished_cells([tmp_path]) == ["m=a__seed=1: failed, round 3 (exit code 1)",
+                                            "m=b__seed=0: pending"]
+    assert unfinished_cells([tmp_path / "elsewhere"]) == []
