@@ -42,10 +42,13 @@ def summarise(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -> pd
 
 
 def group_colors(runs: Sequence[Run]) -> dict[str, tuple]:
-    """One colour per group, in run order, shared by every plot."""
-    cmap = plt.get_cmap("tab10")
-    groups = [r.group for r in runs]
-    return {g: cmap(i % 10) for i, g in enumerate(dict.fromkeys(groups))}
+    """One colour per group, in run order, shared by every plot: tab10 up to 10 groups, tab20
+    up to 20 (so no two groups share a colour), then tab20 again."""
+    groups = list(dict.fromkeys(r.group for r in runs))
+    if len(groups) <= 10:
+        return {g: plt.get_cmap("tab10")(i) for i, g in enumerate(groups)}
+    cmap = plt.get_cmap("tab20")
+    return {g: cmap(i % 20) for i, g in enumerate(groups)}
 
 
 def _line(ax, x, stats: pd.DataFrame, color, label: str | None, style: str = "-",

@@ -337,3 +337,12 @@ def test_a_sweeps_unfinished_cells_are_named_on_the_first_screen(tmp_path: Path)
     assert unfinished_cells([tmp_path]) == ["m=a__seed=1: failed, round 3 (exit code 1)",
                                             "m=b__seed=0: pending"]
     assert unfinished_cells([tmp_path / "elsewhere"]) == []
+
+
+def test_eleven_groups_get_eleven_colours() -> None:
+    """The comparison has 11 methods: tab10 would give the 11th the 1st's colour."""
+    from types import SimpleNamespace
+    from simulations.plots import group_colors
+    runs = [SimpleNamespace(group=f"g{i}") for i in range(11)]
+    assert len(set(group_colors(runs).values())) == 11
+    assert len(set(group_colors(runs[:3]).values())) == 3
