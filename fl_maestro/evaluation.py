@@ -16,17 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fl_maestro.models import RankedModel, Stage, at_ranks
+from fl_maestro.models import RankedModel, Stage, at_ranks, stage_layers
 from fl_maestro.precision import autocast, to_device, use_fast_layout
 
 Ranks = Mapping[str, int]
-
-
-def stage_layers(model: RankedModel, stages: Sequence[Stage]) -> list[tuple[str, ...]]:
-    """The ranked layers each stage depends on: those at or under one of its scope's names."""
-    ranked = list(model.ranked_layers())
-    return [tuple(n for n in ranked if any(s == "" or n == s or n.startswith(s + ".")
-                                           for s in stage.scope)) for stage in stages]
 
 
 def stage_keys(levels: Sequence[Ranks], layers: Sequence[tuple[str, ...]],

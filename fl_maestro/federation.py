@@ -137,7 +137,7 @@ class Federation:
         self.examples: dict[int, int] = {}
         self.world = load_world(cfg)
         # The strategy's collaborator: the round's specs, the world's decisions, the rows.
-        self.planner = RoundPlanner(cfg, self.world, self.examples)
+        self.planner = RoundPlanner(cfg, self.world)
         strategy_class = WidthFedAvg if method.model_family.cut_shared else RankWiseFedAvg
         self.strategy = strategy_class(
             cfg.clients_per_round, merge_weight=method.merge_weight(cfg),
@@ -168,13 +168,12 @@ class Federation:
         self.scalars = Scalars(self.store.root / "tensorboard", self.start_round) \
             if cfg.tensorboard else None
         self.eval_x, self.eval_y = self._evaluation_data()
-
+        self.eval_pool: np.ndarray | None = None  # rows of eval_x to evaluate on (None: all)
 
     def _evaluation_data(self) -> tuple[np.ndarray, np.ndarray]:
         """The test set, or (``eval-split = validation``) the training set, of which the union
         of the clients' validation splits is evaluated once the partitions are known."""
         x_train, y_train, test_x, test_y = load_dataset(self.cfg.dataset)
-        self.eval_pool: np.ndarray | None = None  # rows of eval_x to evaluate on (None: all)
         return (x_train, y_train) if self.cfg.eval_split == "validation" else (test_x, test_y)
 
     def _resume(self) -> None:
@@ -214,7 +213,7 @@ class Federation:
         """Learn every node's partition and budget (node config, else the device mix)."""
         self.budgets = node_budgets(self.cfg, nodes)
         self.partitions = {n: int(info["partition-id"]) for n, info in nodes.items()}
-        self.examples.update({n: int(info["train-examples"]) for n, info in nodes.items()})
+        self.examples = {n: int(info["train-examples"]) for n, info in nodes.items()}
         num_partitions = int(next(iter(nodes.values()))["num-partitions"])
         self.world.availability.check_clients(num_partitions)
         if self.cfg.eval_split == "validation":

@@ -9,7 +9,7 @@ in the state dict.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +40,13 @@ def run_stages(stages: tuple[Stage, ...], x: torch.Tensor) -> torch.Tensor:
     for stage in stages:
         x = stage.run(x)
     return x
+
+
+def stage_layers(model: RankedModel, stages: Sequence[Stage]) -> list[tuple[str, ...]]:
+    """The ranked layers each stage depends on: those at or under one of its scope's names."""
+    ranked = list(model.ranked_layers())
+    return [tuple(n for n in ranked if any(s == "" or n == s or n.startswith(s + ".")
+                                           for s in stage.scope)) for stage in stages]
 
 
 def pool_relu(x: torch.Tensor) -> torch.Tensor:

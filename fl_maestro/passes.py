@@ -13,12 +13,12 @@ cut ``fc`` and share the whole conv stack.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
-from fl_maestro.evaluation import stage_layers
-from fl_maestro.models import RankedModel
+from fl_maestro.models import RankedModel, stage_layers
 
 Ranks = Mapping[str, int]
 
@@ -53,6 +53,11 @@ class StepPasses:
             raise ValueError(f"unknown ranked layer {unknown[0]!r}; layers are {sorted(self.modules)}")
         self.max_ranks = {**{n: m.max_rank for n, m in self.modules.items()}, **max_ranks}
         self.absent = absent
+
+    @cached_property
+    def low_rank_layers(self) -> dict:
+        """The model's decomposed layers, looked up once (HGL's penalty reads them every step)."""
+        return self.model.low_rank_layers()
 
     def first_difference(self, ranks: Ranks) -> int:
         """The index of the first stage whose layers' ranks differ from the maximum ranks

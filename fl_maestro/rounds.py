@@ -92,8 +92,8 @@ class RoundPlanner:
     ``fates``, ``rows`` and ``lists`` hold what the round decided and learned.
     """
 
-    def __init__(self, cfg: RunConfig, world: DeviceWorld, examples: Mapping[int, int]) -> None:
-        self.cfg, self.world, self.examples = cfg, world, examples
+    def __init__(self, cfg: RunConfig, world: DeviceWorld) -> None:
+        self.cfg, self.world = cfg, world
         self.specs: dict[int, ClientSpec] = {}
         self.online: list[int] = []
         self.begin = 0.0  # the round's simulated start
@@ -121,7 +121,7 @@ class RoundPlanner:
         nodes = sample(self.online, self.world.sample_size(self.cfg.clients_per_round))
         self.fates = self.world.decide(
             [client_work(self.cfg, server_round, self._model, self._arrays, n, self.specs[n],
-                         self.examples[n]) for n in nodes],
+                         self.specs[n].max_examples) for n in nodes],
             self.cfg.clients_per_round, round_rng(self.cfg.seed, server_round))
         return orders(self.fates)
 

@@ -285,7 +285,7 @@ def _step_loss(passes: StepPasses, x: torch.Tensor, y: torch.Tensor,
     with autocast(precision, x.device):
         loss, logits = passes.loss(x, y, ranks, distill)
     if hgl_lambda > 0:  # in float32, outside autocast: norms of the factors themselves
-        layers = passes.model.low_rank_layers()
+        layers = passes.low_rank_layers
         loss = loss + hgl_lambda * hgl_penalty(layers, max_ranks, hgl_beyond)
     return loss, logits
 

@@ -249,7 +249,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
     finals = final_frame(wide, last_k)
     converged = run_convergence(wide, threshold=slope_threshold)
     components, full = components_frame(runs), full_budget_clients(runs)  # tables and plots
-    tables = _tables(runs, wide, finals, converged, baseline, components, full)
+    base = (baseline or default_baseline(finals)) if finals["group"].nunique() > 1 else None
+    tables = _tables(runs, wide, finals, converged, base, components, full)
     images = _images(runs, wide, finals, legend, colors, out, components, full)
     tables += [("methods", "The methods: what each group ran (the method registry) and its "
                 "optimiser settings", methods_table(runs)),
@@ -263,7 +264,6 @@ def build_report(paths: Sequence[str | Path], out: str | Path, last_k: int = LAS
                        "score: the mean of both; 'chosen' is what the comparison ran)", tuned))
     for name, _, table in tables:
         table.to_csv(out / f"{name}.csv", index=False)
-    base = (baseline or default_baseline(finals)) if finals["group"].nunique() > 1 else None
     summary = summary_frame(finals, converged, base)
     summary.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(summary_markdown(summary, base))
@@ -292,25 +292,25 @@ def _folded(tables: list[tuple[str, str, pd.DataFrame]], images: list[tuple[str,
 
 
 def _tables(runs: Sequence[Run], wide: pd.DataFrame, finals: pd.DataFrame,
-            converged: pd.DataFrame, baseline: str | None, components: pd.DataFrame,
+            converged: pd.DataFrame, base: str | None, components: pd.DataFrame,
             full: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """The report's tables as (file name, caption, table), in page order."""
+    """The report's tables as (file name, caption, table), in page order (``base``: the group
+    the others are compared with; None for a single group)."""
     tables = [("final-tier", "Final accuracy per budget tier",
                final_table(finals, "tier", converged))]
     tiers = tier_differences(finals)
     if not tiers.empty:
         tables.append(("tier-differences",
                        "Each tier minus its group's lowest tier (paired by run)", tiers))
-    if finals["group"].nunique() > 1:
-        base = baseline or default_baseline(finals)
+    if base is not None:
         tables.append(("group-differences", f"Each group minus {base} (paired by seed)",
                        group_differences(finals, base)))
     if not components.empty:
         tables.append(("coverage", "Coverage per layer", coverage_table(components, full)))
     at_time = accuracy_at_time(wide)
-    if not at_time.empty and finals["group"].nunique() > 1:
+    if not at_time.empty and base is not None:
         tables.append(("accuracy-at-time", "Accuracy at equal simulated time: each run's last "
-                       f"evaluation within {at_time.attrs['at'] / 3600:.2f} simulated hours (the "
+                       f"evaluation within {at_time.attrs['at']:.0f} simulated seconds (the "
                        "shortest run's clock), and each group's simulated seconds per round",
                        at_time))
     tables += [("final-fraction", "Final accuracy per rank fraction",

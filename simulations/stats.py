@@ -28,8 +28,8 @@ from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 LAST_K = 5  # evaluated rounds averaged for the "last-k" final accuracy
-STRETCH = 0.2  # ... taken only from the final fifth of the run's rounds
 TAIL = 0.2  # convergence looks at the last fifth of the rounds
+STRETCH = TAIL  # ... and the final value is taken only from that same final fifth
 SLOPE_THRESHOLD = 2.5e-4  # accuracy per round: under 0.5 points over 20 rounds
 SMOOTH_WINDOW = 5  # evaluated rounds in the trailing moving average before the slope fit
 MIN_TAIL_POINTS = 3  # fewer evaluated rounds in the tail: convergence cannot be judged

@@ -33,8 +33,8 @@ import pandas as pd
 from fl_maestro.config import parse_run_config
 from fl_maestro.federation import RESUMABLE_CHANGES
 from fl_maestro.results import TABLES, RunStore
-from simulations.cells import (RESERVED, Cell, RunCell, apply_sets, build_cells,  # noqa: F401
-                               cell_id, pin_axis, slug)  # (also the sweep's public names)
+from simulations.cells import (Cell, RunCell, apply_sets, build_cells,  # noqa: F401
+                               cell_id, slug)  # (also the sweep's public names)
 from simulations.tuning import (CONFIRM_DIR, TUNING_DIR, Tuning, add_tuning_arguments,
                                 best_points, choices, choose, chosen_from_table, confirmed,
                                 diverged_clients, tuning_from_args, tuning_scenario,
@@ -256,13 +256,12 @@ def tune(scenario: Scenario, cells: Sequence[Cell], tuning: Tuning, out: Path, r
         table = table.assign(**{"confirm-seed": tuning.confirm_seed})
     write_table(table, folder)
     chosen = choices(table, method_axes, tuning.grid)
-    missing = sorted({tuple(c.axes[a] for a in method_axes) for c in cells} - set(chosen))
+    tuned, missing = _at_choices(cells, chosen, method_axes)
     if missing:
         where = (f"every point it confirmed failed on seed {tuning.confirm_seed} (see "
                  f"{folder / CONFIRM_DIR / 'cells.csv'}; a larger --tune-confirm tries more)"
                  if "score" in table else f"every run failed (see {folder / 'cells.csv'})")
         raise RuntimeError(f"tuning found no usable grid point for {missing}: {where}")
-    tuned = [with_choice(c, chosen[tuple(c.axes[a] for a in method_axes)]) for c in cells]
     return tuned, table
 
 
@@ -295,10 +294,19 @@ def tuned_cells(scenario: Scenario, cells: Sequence[Cell], table_path: Path
     """The cells at their method's choice in a finished tuning table, and the table."""
     method_axes = [ax.name for ax in scenario.axes]
     chosen, table = chosen_from_table(table_path, method_axes)
-    missing = sorted({tuple(c.axes[a] for a in method_axes) for c in cells} - set(chosen))
+    tuned, missing = _at_choices(cells, chosen, method_axes)
     if missing:
         raise ValueError(f"--tuned {table_path}: no chosen setting for {missing}")
-    return [with_choice(c, chosen[tuple(c.axes[a] for a in method_axes)]) for c in cells], table
+    return tuned, table
+
+
+def _at_choices(cells: Sequence[Cell], chosen: Mapping[tuple[str, ...], Mapping[str, Any]],
+                method_axes: Sequence[str]) -> tuple[list[Cell], list[tuple[str, ...]]]:
+    """The cells at their method's choice, and the methods (axis labels) without one."""
+    def method(cell: Cell) -> tuple[str, ...]:
+        return tuple(cell.axes[a] for a in method_axes)
+    missing = sorted({method(c) for c in cells} - set(chosen))
+    return [with_choice(c, chosen[method(c)]) for c in cells if method(c) in chosen], missing
 
 
 def with_choice(cell: Cell, choice: Mapping[str, Any]) -> Cell:

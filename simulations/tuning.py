@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from fl_maestro.config import KEYS
+from simulations.cells import RESERVED
 from simulations.scenarios import Axis, Level, Scenario
 
 TUNING_DIR = "tuning"
@@ -43,7 +44,7 @@ TABLE = "table.csv"
 TABLE_COLUMNS = ("cell-id", "status", "round", "val-accuracy", "diverged-clients", "chosen",
                  "tuning-seed", "horizon", "score")
 # Keys a grid may not tune: the sweep sets them, or the tuning runs need them fixed.
-FIXED = ("results-dir", "run-name", "resume", "seed", "num-rounds", "eval-split", "eval-every")
+FIXED = (*RESERVED, "num-rounds", "eval-split", "eval-every")
 
 
 @dataclass(frozen=True)
@@ -126,34 +127,33 @@ def validation_scores(evaluation: pd.DataFrame, method_axes: Sequence[str],
     return pd.DataFrame(out, columns=[*cols, "round", "val-accuracy"])
 
 
+def _best_first(rows: pd.DataFrame, method_axes: Sequence[str], grid_keys: Sequence[str],
+                order: Sequence[Mapping[str, str]], by: str):
+    """The rows that have ``by``, grouped by method, best first in each group (ties: grid
+    order): ``.head(k)`` gives each method's k best."""
+    rank = {tuple(point[k] for k in grid_keys): i for i, point in enumerate(order)}
+    rows = rows.dropna(subset=[by])
+    rows = rows.assign(**{"grid-order": [rank[tuple(str(r[k]) for k in grid_keys)]
+                                         for r in rows.to_dict("records")]})
+    rows = rows.sort_values([by, "grid-order"], ascending=[False, True])
+    return rows.groupby(list(method_axes), sort=False) if method_axes else rows.groupby(
+        lambda _: 0, sort=False)
+
+
 def choose(scores: pd.DataFrame, method_axes: Sequence[str], grid_keys: Sequence[str],
            order: Sequence[Mapping[str, str]], by: str = "val-accuracy") -> pd.DataFrame:
     """``scores`` with a ``chosen`` column: per method, its grid point of highest ``by`` (ties:
     the first of ``order``, the grid points as labels in grid order); rows without ``by`` are
     never chosen."""
-    rank = {tuple(point[k] for k in grid_keys): i for i, point in enumerate(order)}
-    scores = scores.copy()
-    scores["grid-order"] = [rank[tuple(str(r[k]) for k in grid_keys)]
-                            for r in scores.to_dict("records")]
-    scores["chosen"] = False
-    usable = scores.dropna(subset=[by])
-    groups = usable.groupby(list(method_axes), sort=False) if method_axes else [((), usable)]
-    for _, group in groups:
-        best = group.sort_values([by, "grid-order"], ascending=[False, True])
-        scores.loc[best.index[0], "chosen"] = True
-    return scores.drop(columns="grid-order")
+    best = _best_first(scores, method_axes, grid_keys, order, by).head(1).index
+    return scores.assign(chosen=scores.index.isin(best))
 
 
 def best_points(table: pd.DataFrame, method_axes: Sequence[str], grid_keys: Sequence[str],
                 order: Sequence[Mapping[str, str]], k: int) -> pd.DataFrame:
     """Per method, the labels of its ``k`` grid points of highest validation accuracy (ties: grid
     order); failed points (no accuracy) are never among them."""
-    rank = {tuple(point[g] for g in grid_keys): i for i, point in enumerate(order)}
-    rows = table.dropna(subset=["val-accuracy"]).astype({c: str for c in grid_keys})
-    rows = rows.assign(**{"grid-order": [rank[tuple(r[g] for g in grid_keys)]
-                                         for r in rows.to_dict("records")]})
-    rows = rows.sort_values(["val-accuracy", "grid-order"], ascending=[False, True])
-    top = rows.groupby(list(method_axes), sort=False).head(k) if method_axes else rows.head(k)
+    top = _best_first(table, method_axes, grid_keys, order, "val-accuracy").head(k)
     return top[[*method_axes, *grid_keys]].astype(str).reset_index(drop=True)
 
 

@@ -22,12 +22,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.merge import (InvalidReply, check_reply, corner_arrays, merge_nested, window_arrays,
                               prefix_arrays)
-from strategies.plan import FAILED, USABLE, ClientSpec, FixedPlan, Planner
+from strategies.plan import USABLE, ClientSpec, FixedPlan, Planner
 from strategies.records import METRICS, nbytes, to_numpy, to_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAILED", "USABLE", "ClientSpec", "RankWiseFedAvg", "WidthFedAvg", "sample_nodes"]
+__all__ = ["RankWiseFedAvg", "WidthFedAvg", "sample_nodes"]
 
 Arrays = dict[str, np.ndarray]
 
