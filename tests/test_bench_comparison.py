@@ -57,3 +57,13 @@ def test_every_benchmark_judges_runs_as_the_launcher_does(tmp_path) -> None:
         check_finished(0, overrides, "finished:completed")  # completed, but no rounds on disk
     assert judge_inprocess(0, RunStore(tmp_path / "x"), 2) == "no checkpoint of round 2"
     assert judge_inprocess(3, RunStore(tmp_path / "x"), 2) == "exit code 3"
+
+
+def test_only_this_checkouts_failures_fail_the_benchmark() -> None:
+    """A base checkout that predates a method fails on it: listed, not costed, not an error."""
+    from simulations.bench_comparison import exit_code
+    rows = [{"code": "this", "method": "a", "failed": False},
+            {"code": "base", "method": "a", "failed": True}]
+    assert exit_code(pd.DataFrame(rows)) == 0
+    rows.append({"code": "this", "method": "b", "failed": True})
+    assert exit_code(pd.DataFrame(rows)) == 1
